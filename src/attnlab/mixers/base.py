@@ -1,0 +1,135 @@
+"""The interface every mixer implements, and the pieces most of them share.
+
+Tensor layout inside mixers: hidden states [batch, seq, hidden]; per-head tensors
+[batch, heads, seq, head_dim]; mixing matrices [batch, heads, query, key]. All masks are causal
+(key j ≤ query i). A key-padding mask marks real tokens; a padded query always keeps its own
+position (the diagonal), so no softmax row is empty and real tokens never see padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from ..modules import RMSNorm, apply_rotary
+
+if TYPE_CHECKING:
+    from ..config import AttnLabConfig
+
+
+@dataclass
+class MixerInputs:
+    """Everything a mixer may need besides its normalised input `x`."""
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # RoPE cos, sin: [batch or 1, seq, head_dim]
+    key_padding_mask: torch.Tensor | None = None  # [batch, seq] bool, True = real token; None = no padding
+    qk_source: torch.Tensor | None = None  # normalised Q/K source [1 or batch, seq, hidden]; None = use x
+    qk_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # RoPE of qk_source; None = as x
+    reference: bool = False  # run the slow, explicit float32 reference path
+    need_weights: bool = False  # return the mixing matrix (forces the reference path)
+    need_scores: bool = False  # return the pre-softmax activations (forces the reference path)
+
+
+@dataclass
+class MixerOutput:
+    hidden_states: torch.Tensor  # [batch, seq, hidden]
+    weights: torch.Tensor | None = None  # [batch, heads, seq, seq]: the mixing matrix applied
+    scores: torch.Tensor | None = None  # pre-softmax activations (per mixer), NaN where masked
+
+
+class Mixer(nn.Module):
+    """Base class: `Mixer(config, layer_idx)`; `forward(x, inputs) -> MixerOutput`.
+
+    `qk_source` names where a mixer takes its queries and keys from when that is not its own input:
+    `"static_embeddings"` (staticembqk), `"shadow_noise"` (rndembqk) or `"shadow_tokens"` (fixedseqqk).
+    The decoder layer passes that source through its own attention pre-norm (spec §3, common rule).
+    """
+
+    name: ClassVar[str]
+    qk_source: ClassVar[str | None] = None
+    has_mixing_matrix: ClassVar[bool] = True
+
+    def __init__(self, config: AttnLabConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.head_dim = config.head_dim_resolved
+        self.scaling = self.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
+        raise NotImplementedError
+
+
+class ProjectedMixer(Mixer):
+    """A mixer with the standard mixer's parameters: W_q, W_k, W_v (+ biases), W_o, optional QK-norm.
+
+    Parameter names follow transformers' Qwen2/Qwen3 attention (`q_proj`, …, `q_norm`, `k_norm`).
+    """
+
+    def __init__(self, config: AttnLabConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        q_width = self.num_heads * self.head_dim
+        kv_width = self.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def split_heads(self, projected: torch.Tensor) -> torch.Tensor:
+        # [batch, seq, heads * head_dim] → [batch, heads, seq, head_dim]
+        batch, seq, _ = projected.shape
+        return projected.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+
+    def project_queries_keys(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k = W_q source + b_q, W_k source + b_k, split into heads and QK-normed (no RoPE)."""
+        query = self.split_heads(self.q_proj(source))  # [batch, heads, seq, head_dim]
+        key = self.split_heads(self.k_proj(source))  # [batch, kv_heads, seq, head_dim]
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        return query, key
+
+    def project_values(self, x: torch.Tensor) -> torch.Tensor:
+        return self.split_heads(self.v_proj(x))  # [batch, kv_heads, seq, head_dim]
+
+    def rotated_queries_keys(self, x: torch.Tensor, inputs: MixerInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE_i(q_i), RoPE_j(k_j) from `inputs.qk_source` if given, else from `x` (spec §3)."""
+        source = x if inputs.qk_source is None else inputs.qk_source
+        query, key = self.project_queries_keys(source)
+        cos, sin = inputs.qk_position_embeddings or inputs.position_embeddings
+        return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+
+    def expand_key_value_heads(self, tensor: torch.Tensor) -> torch.Tensor:
+        """GQA: [batch, kv_heads, seq, d] → [batch, heads, seq, d], each K/V head shared by its group."""
+        if self.num_key_value_groups == 1:
+            return tensor
+        return tensor.repeat_interleave(self.num_key_value_groups, dim=1)
+
+    def merge_heads(self, per_head: torch.Tensor) -> torch.Tensor:
+        # [batch, heads, seq, head_dim] → o_proj([batch, seq, heads * head_dim]) : [batch, seq, hidden]
+        batch, _, seq, _ = per_head.shape
+        return self.o_proj(per_head.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def allowed_positions(seq_len: int, key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Boolean [batch or 1, 1, query, key] mask: causal, padded keys removed, the diagonal always kept."""
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    if key_padding_mask is None:
+        return causal[None, None]
+    diagonal = torch.eye(seq_len, dtype=torch.bool, device=device)
+    return (causal & key_padding_mask[:, None, None, :].to(device)) | diagonal
+
+
+def masked_scores(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Pre-softmax activations for analysis: NaN where a position is masked."""
+    return scores.masked_fill(~allowed, float("nan"))

@@ -1,0 +1,16 @@
+"""`rndembqk`: input-independent maps from a fixed random sequence (spec §3).
+
+A buffer ε ∈ R^{L_max × d}, drawn once from N(0, 1) with `config.shadow_noise_seed` and saved with the
+model, runs through the same decoder stack as a *shadow stream* (X_0 = ε, X_l = Block_l(X_{l-1}), with
+gradients). Layer l takes q, k from RMSNorm_l(X_{l-1}) with its own W_q, W_k and RoPE, and v from the real
+input; the map is one per head, shared by every sequence of the batch, and its top-left L×L block serves a
+length-L input. The model runs the shadow stream once per forward and passes RMSNorm_l(X_{l-1}) as
+`inputs.qk_source` (batch 1); `softmax_attention` then computes the shared map once.
+"""
+
+from .standard import StandardAttention
+
+
+class RandomEmbeddingQK(StandardAttention):
+    name = "rndembqk"
+    qk_source = "shadow_noise"

@@ -1,0 +1,362 @@
+"""The attnlab decoder: Qwen2.5's pre-norm stack with a chosen mixer in each layer (spec §2–3).
+
+    h = h + Mixer_l(RMSNorm_l^attn(h));   h = h + SwiGLU_l(RMSNorm_l^mlp(h));   logits = LMHead(RMSNorm(h))
+
+Three model-level pieces serve the variants whose queries/keys come from somewhere other than the layer's
+own input: the static embeddings `e = Emb(t)` (`staticembqk`), and two *shadow streams* — a fixed random
+sequence (`rndembqk`) and a fixed token sequence (`fixedseqqk`) — that run through the same layers, once
+per forward with batch 1, so each layer's map is computed once and shared by the batch. Every Q/K source
+passes through the layer's own attention pre-norm. Skip mode runs only the standard layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .config import AttnLabConfig
+from .mixers import MixerInputs, MixerOutput, build_mixer
+from .modules import RMSNorm, RotaryEmbedding, SwiGLU
+
+SHADOW_SOURCES = ("shadow_noise", "shadow_tokens")
+
+
+@dataclass
+class AttnLabModelOutput(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus `mixer_scores`: each layer's pre-softmax activations (or None)."""
+
+    mixer_scores: tuple[torch.Tensor | None, ...] | None = None
+
+
+@dataclass
+class AttnLabCausalLMOutput(CausalLMOutputWithPast):
+    mixer_scores: tuple[torch.Tensor | None, ...] | None = None
+
+
+@dataclass
+class _StreamInputs:
+    """What one pass through the stack shares across its layers."""
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    key_padding_mask: torch.Tensor | None
+    static_embeddings: torch.Tensor  # e = Emb(t): [batch, seq, hidden]
+    shadow_states: dict[str, list[torch.Tensor]]  # source → input of each layer in that shadow stream
+    shadow_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    reference: bool
+    need_weights: bool = False
+    need_scores: bool = False
+
+
+class AttnLabDecoderLayer(nn.Module):
+    """One pre-norm block; the mixer sits in the `self_attn` slot whatever its kind."""
+
+    def __init__(self, config: AttnLabConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mixer_type = config.mixer_types[layer_idx]
+        self.self_attn = build_mixer(config, layer_idx)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, stream: _StreamInputs) -> tuple[torch.Tensor, MixerOutput]:
+        source_kind = self.self_attn.qk_source
+        qk_source, qk_positions = None, None
+        if source_kind == "static_embeddings":
+            qk_source = self.input_layernorm(stream.static_embeddings)
+        elif source_kind in stream.shadow_states:  # absent inside the shadow stream itself: attend as standard
+            qk_source = self.input_layernorm(stream.shadow_states[source_kind][self.layer_idx])
+            qk_positions = stream.shadow_position_embeddings
+        mixed = self.self_attn(
+            self.input_layernorm(hidden_states),
+            MixerInputs(
+                position_embeddings=stream.position_embeddings,
+                key_padding_mask=stream.key_padding_mask,
+                qk_source=qk_source,
+                qk_position_embeddings=qk_positions,
+                reference=stream.reference,
+                need_weights=stream.need_weights,
+                need_scores=stream.need_scores,
+            ),
+        )
+        hidden_states = hidden_states + mixed.hidden_states
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, mixed
+
+
+class AttnLabPreTrainedModel(PreTrainedModel):
+    config_class = AttnLabConfig
+    config: AttnLabConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["AttnLabDecoderLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # Linear/Embedding: N(0, initializer_range); norms: ones
+        if isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+        if isinstance(module, AttnLabModel):
+            if module.shadow_noise is not None:
+                init.copy_(module.shadow_noise, default_shadow_noise(self.config))
+            if module.shadow_token_ids is not None:
+                init.copy_(module.shadow_token_ids, default_fixed_sequence(self.config))
+
+
+def default_shadow_noise(config: AttnLabConfig) -> torch.Tensor:
+    """ε ~ N(0, 1) of shape [L_max, hidden], drawn on the CPU from `config.shadow_noise_seed` (spec §3, σ = 1)."""
+    generator = torch.Generator(device="cpu").manual_seed(config.shadow_noise_seed)
+    return torch.randn(config.shadow_seq_len, config.hidden_size, generator=generator, device="cpu")
+
+
+def default_fixed_sequence(config: AttnLabConfig) -> torch.Tensor:
+    """The documented default t_s for `fixedseqqk` when no corpus was given: L_max ids drawn uniformly
+    from the vocabulary with `config.fixed_sequence_seed`. Training replaces it with corpus tokens."""
+    generator = torch.Generator(device="cpu").manual_seed(config.fixed_sequence_seed)
+    return torch.randint(0, config.vocab_size, (config.shadow_seq_len,), generator=generator, device="cpu")
+
+
+class AttnLabModel(AttnLabPreTrainedModel):
+    """The decoder stack without the LM head."""
+
+    def __init__(self, config: AttnLabConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(AttnLabDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim_resolved, config.rope_theta)
+        mixers = set(config.mixer_types)
+        # Fixed shadow inputs are persistent buffers (saved with the model); filled in by `_init_weights`.
+        self.shadow_noise = nn.Buffer(torch.empty(config.shadow_seq_len, config.hidden_size)) if "rndembqk" in mixers else None
+        self.shadow_token_ids = (
+            nn.Buffer(torch.zeros(config.shadow_seq_len, dtype=torch.long)) if "fixedseqqk" in mixers else None
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @torch.no_grad()
+    def set_fixed_sequence(self, token_ids: torch.Tensor | list[int], source: str) -> None:
+        """Set the `fixedseqqk` shadow sequence t_s (L_max token ids) and record where it came from."""
+        if self.shadow_token_ids is None:
+            raise ValueError("this model has no fixedseqqk layer, so it has no fixed sequence to set")
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long)
+        if token_ids.shape != self.shadow_token_ids.shape:
+            raise ValueError(
+                f"the fixed sequence must hold exactly shadow_seq_len={self.config.shadow_seq_len} token ids, "
+                f"got shape {tuple(token_ids.shape)}"
+            )
+        if token_ids.min() < 0 or token_ids.max() >= self.config.vocab_size:
+            raise ValueError(f"fixed-sequence token ids must lie in [0, {self.config.vocab_size})")
+        self.shadow_token_ids.copy_(token_ids)
+        self.config.fixed_sequence_source = source
+
+    def active_layers(self) -> list[AttnLabDecoderLayer]:
+        """The layers a forward runs: all of them, or only the standard ones in skip mode."""
+        if self.config.skip_nonstandard:
+            return [layer for layer in self.layers if layer.mixer_type == "standard"]
+        return list(self.layers)
+
+    def _shadow_stream(
+        self, source: str, layers: list[AttnLabDecoderLayer], seq_len: int, reference: bool
+    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Run the fixed shadow input (batch 1, positions 0..L−1) through `layers`, with gradients.
+
+        Returns each layer's input X_{l−1} (indexed by layer number) and the stream's RoPE tables.
+        Inside the stream a `rndembqk`/`fixedseqqk` layer attends over the shadow sequence itself.
+        """
+        if seq_len > self.config.shadow_seq_len:
+            raise ValueError(
+                f"input length {seq_len} exceeds shadow_seq_len={self.config.shadow_seq_len}, the length of the "
+                "fixed sequence that rndembqk/fixedseqqk maps come from; use shorter inputs or a model built "
+                "with a larger shadow_seq_len"
+            )
+        if source == "shadow_noise":
+            hidden = self.shadow_noise[:seq_len].to(self.embed_tokens.weight.dtype)[None]  # [1, seq, hidden]
+        else:
+            hidden = self.embed_tokens(self.shadow_token_ids[:seq_len])[None]
+        position_ids = torch.arange(seq_len, device=hidden.device)[None]
+        positions = self.rotary_emb(hidden, position_ids)
+        stream = _StreamInputs(
+            position_embeddings=positions,
+            key_padding_mask=None,
+            static_embeddings=hidden,
+            shadow_states={},
+            shadow_position_embeddings=None,
+            reference=reference,
+        )
+        last_user = max(i for i, layer in enumerate(layers) if layer.self_attn.qk_source == source)
+        states: dict[int, torch.Tensor] = {}
+        for layer in layers[: last_user + 1]:
+            states[layer.layer_idx] = hidden
+            hidden, _ = layer(hidden, stream)
+        return states, positions
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_mixer_scores: bool = False,
+        mixer_implementation: str | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AttnLabModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if use_cache or past_key_values is not None:
+            raise NotImplementedError("attnlab models do not keep a decoding cache yet; call with use_cache=False")
+        output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
+        output_hidden_states = bool(
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        implementation = mixer_implementation or self.config.mixer_implementation
+        if implementation not in ("fast", "reference"):
+            raise ValueError(f"mixer_implementation must be 'fast' or 'reference', got {implementation!r}")
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # e = Emb(t): [batch, seq, hidden]
+        batch, seq_len, _ = inputs_embeds.shape
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=inputs_embeds.device)[None].expand(batch, -1)
+        key_padding_mask = _key_padding_mask(attention_mask, batch, seq_len)
+
+        layers = self.active_layers()
+        reference = implementation == "reference"
+        shadow_states: dict[str, list[torch.Tensor]] = {}
+        shadow_positions = None
+        for source in SHADOW_SOURCES:
+            if any(layer.self_attn.qk_source == source for layer in layers):
+                shadow_states[source], shadow_positions = self._shadow_stream(source, layers, seq_len, reference)
+        stream = _StreamInputs(
+            position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
+            key_padding_mask=key_padding_mask,
+            static_embeddings=inputs_embeds,
+            shadow_states=shadow_states,
+            shadow_position_embeddings=shadow_positions,
+            reference=reference,
+            need_weights=output_attentions,
+            need_scores=output_mixer_scores,
+        )
+
+        hidden_states = inputs_embeds
+        # HF convention for hidden_states: every layer's input (the first is the embedding output), then the
+        # final normed output.
+        all_hidden_states, all_weights, all_scores = [], [], []
+        for layer in layers:
+            all_hidden_states.append(hidden_states)
+            hidden_states, mixed = layer(hidden_states, stream)
+            all_weights.append(mixed.weights)
+            all_scores.append(mixed.scores)
+        hidden_states = self.norm(hidden_states)
+        all_hidden_states.append(hidden_states)
+        return AttnLabModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_weights) if output_attentions else None,
+            mixer_scores=tuple(all_scores) if output_mixer_scores else None,
+        )
+
+
+def _key_padding_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
+    """HF's 2-D attention mask (1 = token, 0 = padding) as a bool mask, or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape != (batch, seq_len):
+        raise ValueError(
+            f"attention_mask must have shape [batch, seq] = {(batch, seq_len)} (1 for tokens, 0 for padding); "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask.bool()
+    return None if bool(mask.all()) else mask
+
+
+class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
+    """The attnlab decoder with its LM head; HF-native (`from_pretrained`, `generate`, safetensors)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: AttnLabConfig) -> None:
+        super().__init__(config)
+        self.model = AttnLabModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_mixer_scores: bool = False,
+        mixer_implementation: str | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AttnLabCausalLMOutput:
+        """Logits (and the shifted next-token loss when `labels` are given; -100 labels are ignored).
+
+        `output_attentions=True` returns each layer's applied mixing matrix [batch, heads, seq, seq]
+        (None for `mlp` layers); `output_mixer_scores=True` each layer's pre-softmax activations (spec §6);
+        `mixer_implementation="reference"` runs every mixer's explicit float32 reference path.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_mixer_scores=output_mixer_scores,
+            mixer_implementation=mixer_implementation,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return AttnLabCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            mixer_scores=outputs.mixer_scores,
+        )
