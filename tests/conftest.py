@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny configs so the whole suite stays fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab import AttnLabConfig
+
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+
+
+def tiny_config(**overrides) -> AttnLabConfig:
+    options = dict(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=48,
+        rope_theta=10000.0,
+    )
+    options.update(overrides)
+    return AttnLabConfig(**options)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,397 @@
+"""Properties of the seven mixers (spec §3) inside real tiny attnlab models.
+
+Every model here is tiny (vocab 97, width 32, 4 heads) and initialised with a larger weight scale than the
+training default (plus random biases and norm gains), so that pre-softmax scores are O(1) and the mixing
+maps are far from uniform: a wrong term in a fast path then shows up well above float32 noise. The chunked
+fast paths of `approximate` and `nonapprox` get a small `chunk_size`, so the test lengths cross several
+chunks and end in a partial one.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnlab import MIXER_NAMES, AttnLabConfig, AttnLabForCausalLM
+
+VOCAB = 97
+MAX_LEN = 64
+IMPLEMENTATIONS = ("fast", "reference")
+SHADOW_MIXERS = ("rndembqk", "fixedseqqk")
+# Mixers whose map depends only on the input and on relative positions (RoPE, or no positions at all).
+INPUT_DEPENDENT_MIXERS = tuple(name for name in MIXER_NAMES if name not in SHADOW_MIXERS)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def num_layers_for(layers) -> int:
+    """Depth used for a layer pattern: 2 for uniform, 3 for hybrid (variant, standard, variant), else len."""
+    if isinstance(layers, list):
+        return len(layers)
+    return 3 if layers.startswith("hybrid:") else 2
+
+
+def make_model(
+    layers,
+    *,
+    num_layers: int | None = None,
+    kv_heads: int = 2,
+    qk_norm: bool = False,
+    tie: bool = True,
+    chunk_size: int = 5,
+    seed: int = 0,
+) -> AttnLabForCausalLM:
+    """A tiny float32 model with O(1) attention scores and a small fast-path chunk size."""
+    torch.manual_seed(seed)
+    config = AttnLabConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers or num_layers_for(layers),
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=MAX_LEN,
+        layers=layers,
+        qk_norm=qk_norm,
+        tie_word_embeddings=tie,
+        initializer_range=0.2,
+    )
+    model = AttnLabForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+            elif "norm" in name:
+                param.normal_(1.0, 0.1)
+    set_chunk_size(model, chunk_size)
+    return model
+
+
+def set_chunk_size(model: AttnLabForCausalLM, chunk_size: int) -> None:
+    for layer in model.model.layers:
+        if hasattr(layer.self_attn, "chunk_size"):
+            layer.self_attn.chunk_size = chunk_size
+
+
+def random_ids(batch: int, seq_len: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, seq_len), generator=generator)
+
+
+def logits_of(model, input_ids, implementation="fast", **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids, mixer_implementation=implementation, **kwargs).logits
+
+
+def maps_of(model, input_ids, **kwargs) -> tuple[torch.Tensor | None, ...]:
+    with torch.no_grad():
+        return model(input_ids, output_attentions=True, **kwargs).attentions
+
+
+def parameter_grads(model, input_ids, implementation) -> dict[str, torch.Tensor | None]:
+    """Gradient of every named parameter for the next-token loss (labels = input_ids).
+
+    A single token has no next-token target, so length 1 uses cross-entropy against the token itself.
+    """
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids, labels=input_ids, mixer_implementation=implementation)
+    loss = out.loss if input_ids.shape[1] > 1 else F.cross_entropy(out.logits[:, 0], input_ids[:, 0])
+    loss.backward()
+    return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_grads_close(fast: dict, reference: dict, rtol: float = 1e-4) -> None:
+    """Per-parameter comparison relative to the size of that parameter's reference gradient.
+
+    The floor (relative to the largest gradient of the model) covers gradients that are zero in exact
+    arithmetic, e.g. W_q/W_k for a single token, where either path leaves float32 rounding residue.
+    """
+    assert fast.keys() == reference.keys()
+    assert all(g is not None for g in [*fast.values(), *reference.values()]), "a parameter got no gradient"
+    model_scale = max(g.abs().max().item() for g in reference.values())
+    for name, ref in reference.items():
+        atol = rtol * ref.abs().max().item() + 1e-6 * model_scale
+        torch.testing.assert_close(fast[name], ref, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def replace_token(input_ids: torch.Tensor, position: int) -> torch.Tensor:
+    changed = input_ids.clone()
+    changed[:, position] = (changed[:, position] + 1 + torch.arange(len(changed))) % VOCAB
+    return changed
+
+
+def pad(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad 1-D id rows to a batch (pad id 0) with a 2-D attention mask (1 = token, 0 = padding)."""
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[b, span], mask[b, span] = row, 1
+    return ids, mask
+
+
+def padded_batch(side: str) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Three rows of lengths 13, 10 and 6: with chunk size 4 the shortest left-padded row starts with an
+    all-padding chunk."""
+    rows = [random_ids(1, n, seed=10 + n)[0] for n in (13, 10, 6)]
+    return (rows, *pad(rows, side))
+
+
+# ----------------------------------------------------------------------------------- 1. fast == reference
+
+
+class Shape(NamedTuple):
+    batch: int
+    seq_len: int
+    kv_heads: int
+    qk_norm: bool = False
+
+
+SHAPES = [
+    Shape(1, 1, 4),  # a single token, MHA
+    Shape(3, 7, 2),  # odd length, one full chunk plus a partial one, GQA
+    Shape(1, 37, 4),  # 7 full chunks + 2, MHA
+    Shape(3, 37, 2),  # batch of 3, GQA
+    Shape(2, 12, 2, qk_norm=True),  # Qwen3-style QK-norm
+]
+PATTERNS = [
+    *(f"uniform:{name}" for name in MIXER_NAMES),
+    "hybrid:approximate",
+    "hybrid:nonapprox",
+    "hybrid:fixedseqqk",
+    ["rndembqk", "fixedseqqk", "staticembqk", "approximate"],
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"b{s.batch}-L{s.seq_len}-kv{s.kv_heads}{'-qknorm' * s.qk_norm}")
+@pytest.mark.parametrize("layers", PATTERNS, ids=lambda p: p if isinstance(p, str) else "mixed")
+def test_fast_path_matches_reference(layers, shape):
+    """The fast path gives the reference path's logits and the same gradient for every parameter."""
+    model = make_model(layers, kv_heads=shape.kv_heads, qk_norm=shape.qk_norm)
+    input_ids = random_ids(shape.batch, shape.seq_len)
+    fast, reference = logits_of(model, input_ids, "fast"), logits_of(model, input_ids, "reference")
+    assert fast.shape == (shape.batch, shape.seq_len, VOCAB)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+    fast_grads = parameter_grads(model, input_ids, "fast")
+    reference_grads = parameter_grads(model, input_ids, "reference")
+    assert any(g.abs().sum() > 0 for g in reference_grads.values())
+    assert_grads_close(fast_grads, reference_grads)
+
+
+# ----------------------------------------------------------------------------------------- 2. padding
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("mixer", MIXER_NAMES)
+def test_padded_fast_matches_reference(mixer, side):
+    """With a 2-D attention mask, fast and reference paths agree on every real token's logits."""
+    model = make_model(f"uniform:{mixer}", chunk_size=4)
+    _, input_ids, mask = padded_batch(side)
+    fast = logits_of(model, input_ids, "fast", attention_mask=mask)
+    reference = logits_of(model, input_ids, "reference", attention_mask=mask)
+    assert torch.isfinite(fast).all()
+    real = mask.bool()
+    torch.testing.assert_close(fast[real], reference[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mixer, side",
+    [(name, "right") for name in MIXER_NAMES] + [(name, "left") for name in INPUT_DEPENDENT_MIXERS],
+)
+def test_padded_rows_match_unpadded(mixer, side):
+    """A padded row's real-token logits equal those of the row run alone (both paths).
+
+    Left padding shifts positions, which only mixers without absolute-position maps tolerate (RoPE is
+    relative), so the shadow-stream mixers are checked with right padding only.
+    """
+    model = make_model(f"uniform:{mixer}", chunk_size=4)
+    rows, input_ids, mask = padded_batch(side)
+    for implementation in IMPLEMENTATIONS:
+        padded = logits_of(model, input_ids, implementation, attention_mask=mask)
+        for b, row in enumerate(rows):
+            alone = logits_of(model, row[None], implementation)[0]
+            torch.testing.assert_close(padded[b][mask[b].bool()], alone, atol=2e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- 3. causality
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("form", ["uniform", "hybrid"])
+@pytest.mark.parametrize("mixer", MIXER_NAMES)
+def test_causality(mixer, form, implementation):
+    """Changing the token at position t leaves the logits at positions < t unchanged."""
+    model = make_model(f"{form}:{mixer}", chunk_size=4)
+    input_ids = random_ids(2, 11)
+    before = logits_of(model, input_ids, implementation)
+    for t in (1, 5, 10):
+        after = logits_of(model, replace_token(input_ids, t), implementation)
+        torch.testing.assert_close(after[:, :t], before[:, :t], atol=1e-6, rtol=0)
+        assert (after[:, t] - before[:, t]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ 4. mlp
+
+
+def test_mlp_has_no_token_mixing():
+    """In the uniform `mlp` model a position's logits depend on its own token only, and there is no map."""
+    model = make_model("uniform:mlp")
+    input_ids = random_ids(2, 6)
+    before = logits_of(model, input_ids)
+    for j in range(input_ids.shape[1]):
+        after = logits_of(model, replace_token(input_ids, j))
+        others = [i for i in range(input_ids.shape[1]) if i != j]
+        torch.testing.assert_close(after[:, others], before[:, others], atol=1e-6, rtol=0)
+        assert (after[:, j] - before[:, j]).abs().max() > 1e-3
+    assert all(weights is None for weights in maps_of(model, input_ids))
+
+
+# ------------------------------------------------------------------------ 5. input-independent maps
+
+
+@pytest.mark.parametrize("form", ["uniform", "hybrid"])
+@pytest.mark.parametrize("mixer", SHADOW_MIXERS)
+def test_shadow_maps_are_input_independent(mixer, form):
+    """rndembqk/fixedseqqk maps are the same for every input and batch row, and a length-L map is the
+    top-left L×L block of a longer input's map."""
+    model = make_model(f"{form}:{mixer}")
+    variant_layers = [i for i, layer in enumerate(model.model.layers) if layer.mixer_type == mixer]
+    long_a, long_b = random_ids(3, 20, seed=1), random_ids(3, 20, seed=2)
+    short = random_ids(2, 9, seed=3)
+    maps_a, maps_b, maps_short = maps_of(model, long_a), maps_of(model, long_b), maps_of(model, short)
+    causal_uniform = torch.ones(20, 20).tril()
+    causal_uniform = causal_uniform / causal_uniform.sum(-1, keepdim=True)
+    for i in variant_layers:
+        reference_map = maps_a[i][0]
+        assert (reference_map - causal_uniform).abs().max() > 1e-2  # a real, non-trivial map
+        torch.testing.assert_close(maps_a[i], reference_map.expand_as(maps_a[i]), atol=1e-6, rtol=0)
+        torch.testing.assert_close(maps_b[i], maps_a[i], atol=1e-6, rtol=0)
+        top_left = reference_map[:, :9, :9].expand_as(maps_short[i])
+        torch.testing.assert_close(maps_short[i], top_left, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------- 6. staticembqk
+
+
+def perturb_first_mlp(model) -> None:
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(-2.0)
+
+
+@pytest.mark.parametrize("mixer, map_may_change", [("staticembqk", False), ("standard", True)])
+def test_staticembqk_map_ignores_hidden_state(mixer, map_may_change):
+    """Changing layer 1's MLP changes the hidden state fed to layer 2 and the output, but a staticembqk
+    layer-2 map stays the same (a standard layer, the control, changes)."""
+    model = make_model(f"uniform:{mixer}")
+    input_ids = random_ids(2, 15)
+    with torch.no_grad():
+        before = model(input_ids, output_attentions=True, output_hidden_states=True)
+        perturb_first_mlp(model)
+        after = model(input_ids, output_attentions=True, output_hidden_states=True)
+    assert (after.hidden_states[1] - before.hidden_states[1]).abs().max() > 1e-2
+    assert (after.logits - before.logits).abs().max() > 1e-2
+    map_change = (after.attentions[1] - before.attentions[1]).abs().max()
+    if map_may_change:
+        assert map_change > 1e-3
+    else:
+        assert map_change < 1e-6
+
+
+def renormalised_without_column(weights: torch.Tensor, column: int) -> torch.Tensor:
+    """Map rows with one key column removed and renormalised (what is left of softmax ratios)."""
+    kept = weights.clone()
+    kept[..., column] = 0
+    return kept / kept.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("mixer, ratios_may_change", [("staticembqk", False), ("standard", True)])
+def test_staticembqk_map_is_context_free(mixer, ratios_may_change):
+    """In a later staticembqk layer, s_ij depends only on tokens i, j: replacing the token at position m
+    leaves the weight ratios between the other keys of every other row unchanged (standard: they change)."""
+    model = make_model(f"uniform:{mixer}")
+    input_ids, m = random_ids(2, 12), 4
+    before = maps_of(model, input_ids)[1]
+    after = maps_of(model, replace_token(input_ids, m))[1]
+    rows = [i for i in range(input_ids.shape[1]) if i != m and i > 0]  # row 0 has only its own key
+    drift = (renormalised_without_column(after, m) - renormalised_without_column(before, m))[:, :, rows].abs().max()
+    if ratios_may_change:
+        assert drift > 1e-3
+    else:
+        assert drift < 1e-5
+
+
+# --------------------------------------------------------------------- 7. nonapprox with huge scores
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["large-positive", "large-negative"])
+def test_nonapprox_fast_path_survives_huge_scores(sign):
+    """With pre-softmax scores beyond 1e3 (both signs: exp overflows or underflows naively), the chunked
+    fast path stays finite and matches the reference path, gradients included."""
+    model = make_model("uniform:nonapprox")
+    mixer = model.model.layers[1].self_attn
+    with torch.no_grad():
+        mixer.q_proj.weight.mul_(40.0)
+        mixer.k_proj.weight.mul_(40.0 * sign)
+    input_ids = random_ids(2, 23)
+    with torch.no_grad():
+        scores = model(input_ids, output_mixer_scores=True).mixer_scores[1]
+    assert (sign * scores).max() > 1e3
+    fast, reference = logits_of(model, input_ids, "fast"), logits_of(model, input_ids, "reference")
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
+    fast_grads = parameter_grads(model, input_ids, "fast")
+    assert all(torch.isfinite(g).all() for g in fast_grads.values())
+    assert_grads_close(fast_grads, parameter_grads(model, input_ids, "reference"), rtol=1e-3)
+
+
+# ------------------------------------------------------------------ 8. gradients via the shadow stream
+
+
+def next_token_loss(model, input_ids, implementation):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids, labels=input_ids, mixer_implementation=implementation).loss
+    loss.backward()
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("mixer", SHADOW_MIXERS)
+def test_shadow_stream_gets_query_key_gradients(mixer, implementation):
+    """W_q/W_k of a shadow-stream layer only act on the shadow stream, yet they receive gradients."""
+    model = make_model(f"uniform:{mixer}")
+    next_token_loss(model, random_ids(2, 12), implementation)
+    for layer in model.model.layers:
+        assert layer.self_attn.q_proj.weight.grad.abs().max() > 0
+        assert layer.self_attn.k_proj.weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_rndembqk_gradient_reaches_shadow_input(implementation):
+    """The loss is differentiable w.r.t. the noise input ε of the shadow stream, on exactly the first L rows."""
+    model = make_model("uniform:rndembqk")
+    noise = model.model.shadow_noise.requires_grad_(True)
+    next_token_loss(model, random_ids(2, 12), implementation)
+    row_norms = noise.grad.norm(dim=-1)
+    assert (row_norms[:12] > 0).all()
+    assert (row_norms[12:] == 0).all()
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_fixedseqqk_gradient_reaches_fixed_sequence_embeddings(implementation):
+    """Embedding rows of fixed-sequence tokens absent from the input still get gradients (through the
+    shadow stream); rows of tokens in neither get none. Untied head, so the LM head does not touch them."""
+    model = make_model("uniform:fixedseqqk", tie=False)
+    input_ids = random_ids(2, 12)
+    next_token_loss(model, input_ids, implementation)
+    row_norms = model.model.embed_tokens.weight.grad.norm(dim=-1)
+    shadow = set(model.model.shadow_token_ids[:12].tolist())
+    seen = set(input_ids.flatten().tolist())
+    shadow_only, unused = sorted(shadow - seen), sorted(set(range(VOCAB)) - shadow - seen)
+    assert len(shadow_only) >= 3 and unused
+    assert (row_norms[shadow_only] > 0).all()
+    assert (row_norms[unused] == 0).all()

@@ -1,0 +1,236 @@
+"""The decoder as a whole: parity with transformers' Qwen2/Qwen3, HF round trips, skip mode, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from attnlab import MIXER_NAMES, AttnLabForCausalLM
+from attnlab.model import default_fixed_sequence, default_shadow_noise
+
+from .conftest import tiny_config
+
+
+def qwen2_twin(config, **extra) -> Qwen2ForCausalLM:
+    qwen_config = Qwen2Config(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        **extra,
+    )
+    return Qwen2ForCausalLM(qwen_config).eval()
+
+
+@pytest.mark.parametrize("num_key_value_heads", [4, 2, 1])
+@pytest.mark.parametrize("tied", [True, False])
+def test_all_standard_model_matches_qwen2(num_key_value_heads, tied):
+    """Weights load strictly into Qwen2ForCausalLM and the logits agree (fp32, ≤ 1e-4)."""
+    config = tiny_config(num_key_value_heads=num_key_value_heads, tie_word_embeddings=tied)
+    ours = AttnLabForCausalLM(config).eval()
+    qwen = qwen2_twin(config)
+    qwen.load_state_dict(ours.state_dict(), strict=True)
+    input_ids = torch.randint(0, config.vocab_size, (3, 17))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, 12:] = 0  # right padding
+    real = attention_mask.bool()  # outputs at padded positions are unused; compare real tokens
+    with torch.no_grad():
+        for mask in (None, attention_mask):
+            expected = qwen(input_ids, attention_mask=mask).logits[real]
+            assert torch.allclose(ours(input_ids, attention_mask=mask).logits[real], expected, atol=1e-4)
+            reference = ours(input_ids, attention_mask=mask, mixer_implementation="reference").logits[real]
+            assert torch.allclose(reference, expected, atol=1e-4)
+
+
+def test_hidden_states_follow_the_transformers_convention():
+    config = tiny_config(num_hidden_layers=3)
+    ours = AttnLabForCausalLM(config).eval()
+    qwen = qwen2_twin(config)
+    qwen.load_state_dict(ours.state_dict(), strict=True)
+    input_ids = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        mine = ours(input_ids, output_hidden_states=True).hidden_states
+        theirs = qwen(input_ids, output_hidden_states=True).hidden_states
+    assert len(mine) == len(theirs) == config.num_hidden_layers + 1
+    for a, b in zip(mine, theirs):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_qk_norm_matches_qwen3():
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Qwen3ForCausalLM"):
+        pytest.skip("this transformers has no Qwen3")
+    config = tiny_config(qk_norm=True, attention_bias=False, num_key_value_heads=2, head_dim=16)
+    ours = AttnLabForCausalLM(config).eval()
+    for name, parameter in ours.named_parameters():  # make the norm weights non-trivial
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            parameter.data.uniform_(0.5, 1.5)
+    qwen3_config = transformers.Qwen3Config(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=16,
+        attention_bias=False,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+    )
+    qwen3 = transformers.Qwen3ForCausalLM(qwen3_config).eval()
+    qwen3.load_state_dict(ours.state_dict(), strict=True)
+    input_ids = torch.randint(0, config.vocab_size, (2, 13))
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids).logits, qwen3(input_ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("layers", ["uniform:standard", "fixedseqqk,rndembqk", "hybrid:mlp", "hybrid:nonapprox"])
+def test_save_and_load_round_trip_is_exact(tmp_path, layers):
+    """save_pretrained → from_pretrained (Auto classes, safetensors) keeps weights, buffers and the pattern."""
+    config = tiny_config(layers=layers, qk_norm=True)
+    model = AttnLabForCausalLM(config).eval()
+    if model.model.shadow_token_ids is not None:
+        model.model.set_fixed_sequence(torch.arange(config.shadow_seq_len) % config.vocab_size, source="test:arange")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, AttnLabForCausalLM)
+    assert loaded.config.mixer_types == config.mixer_types
+    assert AutoConfig.from_pretrained(tmp_path).mixer_types == config.mixer_types
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    for key in original:
+        assert torch.equal(original[key], restored[key]), key
+    if model.model.shadow_token_ids is not None:
+        assert loaded.config.fixed_sequence_source == "test:arange"
+        assert torch.equal(loaded.model.shadow_token_ids, torch.arange(config.shadow_seq_len) % config.vocab_size)
+    input_ids = torch.randint(0, config.vocab_size, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, loaded(input_ids).logits)
+
+
+def test_fixed_sequences_are_persistent_buffers_in_the_safetensors_file(tmp_path):
+    config = tiny_config(layers="rndembqk,fixedseqqk")
+    AttnLabForCausalLM(config).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(tensors["model.shadow_noise"], default_shadow_noise(config))
+    assert torch.equal(tensors["model.shadow_token_ids"], default_fixed_sequence(config))
+
+
+def test_default_fixed_sequences_are_deterministic_and_seeded():
+    config = tiny_config(layers="rndembqk,fixedseqqk")
+    torch.manual_seed(123)
+    first = AttnLabForCausalLM(config)
+    torch.manual_seed(456)
+    second = AttnLabForCausalLM(config)
+    assert torch.equal(first.model.shadow_noise, second.model.shadow_noise)
+    assert torch.equal(first.model.shadow_token_ids, second.model.shadow_token_ids)
+    other_seed = AttnLabForCausalLM(tiny_config(layers="rndembqk,fixedseqqk", shadow_noise_seed=1))
+    assert not torch.equal(first.model.shadow_noise, other_seed.model.shadow_noise)
+    noise = first.model.shadow_noise
+    assert noise.shape == (config.shadow_seq_len, config.hidden_size)
+    assert abs(noise.mean().item()) < 0.1 and abs(noise.std().item() - 1) < 0.1  # N(0, 1), σ = 1 pinned
+
+
+def test_models_without_shadow_mixers_have_no_shadow_buffers():
+    model = AttnLabForCausalLM(tiny_config(layers="hybrid:staticembqk"))
+    assert model.model.shadow_noise is None and model.model.shadow_token_ids is None
+    assert not any("shadow" in key for key in model.state_dict())
+
+
+def test_set_fixed_sequence_validates_its_input():
+    model = AttnLabForCausalLM(tiny_config(layers="uniform:fixedseqqk"))
+    with pytest.raises(ValueError, match="exactly shadow_seq_len=48"):
+        model.model.set_fixed_sequence([1, 2, 3], source="x")
+    with pytest.raises(ValueError, match="must lie in"):
+        model.model.set_fixed_sequence(torch.full((48,), 61), source="x")
+    with pytest.raises(ValueError, match="no fixedseqqk layer"):
+        AttnLabForCausalLM(tiny_config()).model.set_fixed_sequence(torch.zeros(48), source="x")
+
+
+@pytest.mark.parametrize("mixer", MIXER_NAMES)
+def test_from_config_works_for_every_mixer(mixer):
+    model = AutoModelForCausalLM.from_config(tiny_config(layers=f"uniform:{mixer}"))
+    logits = model(torch.randint(0, 61, (2, 5))).logits
+    assert logits.shape == (2, 5, 61) and torch.isfinite(logits).all()
+
+
+def test_skip_mode_removes_whole_nonstandard_layers():
+    """A hybrid run with skip_nonstandard equals an all-standard model made of only its standard layers."""
+    config = tiny_config(num_hidden_layers=4, layers="hybrid:approximate")
+    hybrid = AttnLabForCausalLM(config).eval()
+    skipped = AttnLabForCausalLM(tiny_config(num_hidden_layers=4, layers="hybrid:approximate", skip_nonstandard=True))
+    skipped.load_state_dict(hybrid.state_dict())
+    standard_only = AttnLabForCausalLM(tiny_config(num_hidden_layers=2)).eval()
+    state = {key: value for key, value in hybrid.state_dict().items() if ".layers." not in key}
+    for new_index, old_index in enumerate([1, 3]):  # layers 2 and 4 keep standard attention
+        prefix = f"model.layers.{old_index}."
+        state.update({
+            key.replace(prefix, f"model.layers.{new_index}."): value
+            for key, value in hybrid.state_dict().items()
+            if key.startswith(prefix)
+        })
+    standard_only.load_state_dict(state, strict=True)
+    input_ids = torch.randint(0, config.vocab_size, (2, 11))
+    with torch.no_grad():
+        expected = standard_only(input_ids).logits
+        assert torch.allclose(skipped.eval()(input_ids).logits, expected, atol=1e-5)
+        assert not torch.allclose(hybrid(input_ids).logits, expected, atol=1e-3)
+        hybrid.config.skip_nonstandard = True  # the same switch at run time
+        assert torch.allclose(hybrid(input_ids).logits, expected, atol=1e-5)
+
+
+def test_skip_mode_from_pretrained_flag(tmp_path):
+    AttnLabForCausalLM(tiny_config(num_hidden_layers=4, layers="hybrid:rndembqk")).save_pretrained(tmp_path)
+    model = AttnLabForCausalLM.from_pretrained(tmp_path, skip_nonstandard=True)
+    assert model.config.skip_nonstandard
+    output = model(torch.randint(0, 61, (1, 6)), output_attentions=True)
+    assert len(output.attentions) == 2
+
+
+def test_loss_is_the_shifted_next_token_cross_entropy():
+    model = AttnLabForCausalLM(tiny_config(layers="hybrid:nonapprox")).eval()
+    input_ids = torch.randint(0, 61, (2, 9))
+    output = model(input_ids, labels=input_ids)
+    expected = torch.nn.functional.cross_entropy(output.logits[:, :-1].reshape(-1, 61), input_ids[:, 1:].reshape(-1))
+    assert torch.allclose(output.loss, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", ["uniform:standard", "uniform:approximate", "hybrid:fixedseqqk"])
+def test_greedy_generate_equals_argmax_recomputation(layers):
+    model = AttnLabForCausalLM(tiny_config(layers=layers)).eval()
+    prompt = torch.randint(0, 61, (1, 4))
+    generated = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            next_token = model(sequence).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_token], dim=1)
+    assert torch.equal(generated, sequence)
+
+
+def test_inputs_longer_than_the_shadow_sequence_are_rejected():
+    model = AttnLabForCausalLM(tiny_config(layers="uniform:rndembqk", shadow_seq_len=8))
+    with pytest.raises(ValueError, match="exceeds shadow_seq_len=8"):
+        model(torch.randint(0, 61, (1, 9)))
+
+
+def test_bad_forward_arguments_are_rejected():
+    model = AttnLabForCausalLM(tiny_config())
+    input_ids = torch.randint(0, 61, (2, 5))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model(input_ids, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="mixer_implementation"):
+        model(input_ids, mixer_implementation="turbo")
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model()
