@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import MixerInputs, MixerOutput, ProjectedMixer, allowed_positions, masked_scores
+from .base import PairwiseScoreMixer, allowed_positions
 
 
 def taylor_exp(scores: torch.Tensor) -> torch.Tensor:
@@ -87,25 +87,14 @@ def chunked_taylor_attention(
     return torch.cat(outputs, dim=2)
 
 
-class TaylorAttention(ProjectedMixer):
+class TaylorAttention(PairwiseScoreMixer):
     """2nd-order Taylor approximation of softmax attention (spec §3, `approximate`)."""
 
     name = "approximate"
     chunk_size: int = 64  # fast path: queries per chunk (explicit inside, running sums across)
 
-    def forward(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
-        query, key = self.rotated_queries_keys(x, inputs)
-        key = self.expand_key_value_heads(key)
-        value = self.expand_key_value_heads(self.project_values(x))  # [batch, heads, seq, head_dim]
-        if inputs.reference or inputs.need_weights or inputs.need_scores:
-            allowed = allowed_positions(x.shape[1], inputs.key_padding_mask, x.device)
-            output, weights, scores = reference_taylor_attention(query, key, value, allowed, self.scaling)
-            return MixerOutput(
-                self.merge_heads(output),
-                weights=weights if inputs.need_weights else None,
-                scores=masked_scores(scores, allowed) if inputs.need_scores else None,
-            )
-        output = chunked_taylor_attention(
-            query, key, value, inputs.key_padding_mask, self.scaling, self.chunk_size
-        )
-        return MixerOutput(self.merge_heads(output))
+    def reference_attention(self, query, key, value, allowed):
+        return reference_taylor_attention(query, key, value, allowed, self.scaling)
+
+    def fast_attention(self, query, key, value, key_padding_mask):
+        return chunked_taylor_attention(query, key, value, key_padding_mask, self.scaling, self.chunk_size)

@@ -133,3 +133,37 @@ def allowed_positions(seq_len: int, key_padding_mask: torch.Tensor | None, devic
 def masked_scores(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Pre-softmax activations for analysis: NaN where a position is masked."""
     return scores.masked_fill(~allowed, float("nan"))
+
+
+class PairwiseScoreMixer(ProjectedMixer):
+    """A mixer whose map comes from pairwise scores s_ij = RoPE_i(q_i)·RoPE_j(k_j) / sqrt(d_h).
+
+    Subclasses give the two paths of the same function: `reference_attention` (explicit float32 L×L,
+    also used whenever weights or scores are requested, so the returned map is the one applied) and
+    `fast_attention` (the training path).
+    """
+
+    def reference_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns output [batch, heads, seq, d], map A and scores s [batch, heads, seq, seq]."""
+        raise NotImplementedError
+
+    def fast_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
+        query, key = self.rotated_queries_keys(x, inputs)  # [1|batch, heads|kv_heads, seq, head_dim]
+        key = self.expand_key_value_heads(key)
+        value = self.expand_key_value_heads(self.project_values(x))  # [batch, heads, seq, head_dim]
+        if inputs.reference or inputs.need_weights or inputs.need_scores:
+            allowed = allowed_positions(x.shape[1], inputs.key_padding_mask, x.device)
+            output, weights, scores = self.reference_attention(query, key, value, allowed)
+            return MixerOutput(
+                self.merge_heads(output),
+                weights=weights if inputs.need_weights else None,
+                scores=masked_scores(scores, allowed) if inputs.need_scores else None,
+            )
+        return MixerOutput(self.merge_heads(self.fast_attention(query, key, value, inputs.key_padding_mask)))

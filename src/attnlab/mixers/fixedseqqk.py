@@ -3,7 +3,8 @@
 As `rndembqk`, but the shadow stream starts from X_0 = Emb(t_s): the trainable embeddings of a fixed
 sequence of token ids t_s of length L_max, stored in the checkpoint (`model.shadow_token_ids`). The
 training command sets t_s to the first L_max tokens of the training corpus; a model created without a
-corpus gets ids drawn uniformly from the vocabulary with `config.fixed_sequence_seed`.
+corpus gets ids drawn uniformly from the vocabulary with `config.fixed_sequence_seed`. As for
+`rndembqk`, maps are indexed by position in the input: pad batches on the right.
 """
 
 from .standard import StandardAttention

@@ -5,7 +5,10 @@ model, runs through the same decoder stack as a *shadow stream* (X_0 = ε, X_l =
 gradients). Layer l takes q, k from RMSNorm_l(X_{l-1}) with its own W_q, W_k and RoPE, and v from the real
 input; the map is one per head, shared by every sequence of the batch, and its top-left L×L block serves a
 length-L input. The model runs the shadow stream once per forward and passes RMSNorm_l(X_{l-1}) as
-`inputs.qk_source` (batch 1); `softmax_attention` then computes the shared map once.
+`inputs.qk_source` (batch 1); `fast_softmax_attention` then computes the shared map once.
+
+The map is indexed by position in the input (0..L−1), not by `position_ids`: in a left-padded batch
+the real tokens of a short row see a shifted block of the map. Pad on the right for these mixers.
 """
 
 from .standard import StandardAttention

@@ -3,8 +3,8 @@
     s_ij = RoPE_i(q_i)·RoPE_j(k_j) / sqrt(d_h),   A = softmax_j(s_ij) over j ≤ i,   o_i = Σ_j A_ij v_j.
 
 The same computation serves the variants that only change where q and k come from (`staticembqk`,
-`rndembqk`, `fixedseqqk`): `softmax_attention` accepts queries/keys of batch 1 — one input-independent
-map per head, shared by the whole batch — and then computes that map once, not once per sequence.
+`rndembqk`, `fixedseqqk`): both attention functions accept queries/keys of batch 1 — one input-independent
+map per head, shared by the whole batch — and then compute that map once, not once per sequence.
 
 Layout: [batch, heads, seq, head_dim].
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import MixerInputs, MixerOutput, ProjectedMixer, allowed_positions, masked_scores
+from .base import PairwiseScoreMixer, allowed_positions
 
 
 def reference_softmax_attention(
@@ -53,22 +53,13 @@ def fast_softmax_attention(
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed)
 
 
-class StandardAttention(ProjectedMixer):
+class StandardAttention(PairwiseScoreMixer):
     """Softmax attention over RoPE'd dot products (spec §3, `standard`)."""
 
     name = "standard"
 
-    def forward(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
-        query, key = self.rotated_queries_keys(x, inputs)  # [1|batch, heads|kv_heads, seq, head_dim]
-        key = self.expand_key_value_heads(key)
-        value = self.expand_key_value_heads(self.project_values(x))  # [batch, heads, seq, head_dim]
-        if inputs.reference or inputs.need_weights or inputs.need_scores:
-            allowed = allowed_positions(x.shape[1], inputs.key_padding_mask, x.device)
-            output, weights, scores = reference_softmax_attention(query, key, value, allowed, self.scaling)
-            return MixerOutput(
-                self.merge_heads(output),
-                weights=weights if inputs.need_weights else None,
-                scores=masked_scores(scores, allowed) if inputs.need_scores else None,
-            )
-        output = fast_softmax_attention(query, key, value, inputs.key_padding_mask)
-        return MixerOutput(self.merge_heads(output))
+    def reference_attention(self, query, key, value, allowed):
+        return reference_softmax_attention(query, key, value, allowed, self.scaling)
+
+    def fast_attention(self, query, key, value, key_padding_mask):
+        return fast_softmax_attention(query, key, value, key_padding_mask)
