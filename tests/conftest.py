@@ -27,6 +27,16 @@ def tiny_config(**overrides) -> AttnLabConfig:
     return AttnLabConfig(**options)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine a contended pool makes
+    the suite many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

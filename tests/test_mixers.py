@@ -36,22 +36,16 @@ def num_layers_for(layers) -> int:
 
 
 def make_model(
-    layers,
-    *,
-    num_layers: int | None = None,
-    kv_heads: int = 2,
-    qk_norm: bool = False,
-    tie: bool = True,
-    chunk_size: int = 5,
-    seed: int = 0,
+    layers, *, kv_heads: int = 2, qk_norm: bool = False, tie: bool = True, chunk_size: int = 5
 ) -> AttnLabForCausalLM:
-    """A tiny float32 model with O(1) attention scores and a small fast-path chunk size."""
-    torch.manual_seed(seed)
+    """A tiny float32 model with O(1) attention scores and a small fast-path chunk size (seeded: every
+    test builds its model here, so every test is deterministic)."""
+    torch.manual_seed(0)
     config = AttnLabConfig(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=num_layers or num_layers_for(layers),
+        num_hidden_layers=num_layers_for(layers),
         num_attention_heads=4,
         num_key_value_heads=kv_heads,
         max_position_embeddings=MAX_LEN,
@@ -104,17 +98,17 @@ def parameter_grads(model, input_ids, implementation) -> dict[str, torch.Tensor 
     return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
 
 
-def assert_grads_close(fast: dict, reference: dict, rtol: float = 1e-4) -> None:
+def assert_grads_close(fast: dict, reference: dict, rtol: float = 1e-4, floor: float = 1e-6) -> None:
     """Per-parameter comparison relative to the size of that parameter's reference gradient.
 
-    The floor (relative to the largest gradient of the model) covers gradients that are zero in exact
+    `floor` (relative to the largest gradient of the model) covers gradients that are zero in exact
     arithmetic, e.g. W_q/W_k for a single token, where either path leaves float32 rounding residue.
     """
     assert fast.keys() == reference.keys()
     assert all(g is not None for g in [*fast.values(), *reference.values()]), "a parameter got no gradient"
     model_scale = max(g.abs().max().item() for g in reference.values())
     for name, ref in reference.items():
-        atol = rtol * ref.abs().max().item() + 1e-6 * model_scale
+        atol = rtol * ref.abs().max().item() + floor * model_scale
         torch.testing.assert_close(fast[name], ref, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
@@ -168,7 +162,11 @@ PATTERNS = [
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"b{s.batch}-L{s.seq_len}-kv{s.kv_heads}{'-qknorm' * s.qk_norm}")
+def shape_id(shape: Shape) -> str:
+    return f"b{shape.batch}-L{shape.seq_len}-kv{shape.kv_heads}" + ("-qknorm" if shape.qk_norm else "")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("layers", PATTERNS, ids=lambda p: p if isinstance(p, str) else "mixed")
 def test_fast_path_matches_reference(layers, shape):
     """The fast path gives the reference path's logits and the same gradient for every parameter."""
@@ -319,7 +317,8 @@ def test_staticembqk_map_is_context_free(mixer, ratios_may_change):
     before = maps_of(model, input_ids)[1]
     after = maps_of(model, replace_token(input_ids, m))[1]
     rows = [i for i in range(input_ids.shape[1]) if i != m and i > 0]  # row 0 has only its own key
-    drift = (renormalised_without_column(after, m) - renormalised_without_column(before, m))[:, :, rows].abs().max()
+    drift = renormalised_without_column(after, m) - renormalised_without_column(before, m)
+    drift = drift[:, :, rows].abs().max()
     if ratios_may_change:
         assert drift > 1e-3
     else:
@@ -347,7 +346,9 @@ def test_nonapprox_fast_path_survives_huge_scores(sign):
     torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4)
     fast_grads = parameter_grads(model, input_ids, "fast")
     assert all(torch.isfinite(g).all() for g in fast_grads.values())
-    assert_grads_close(fast_grads, parameter_grads(model, input_ids, "reference"), rtol=1e-3)
+    # The softmax is saturated, so this layer's W_q/W_k gradients nearly vanish (~1e-9) and both paths
+    # resolve them only to float32 rounding of the O(1) terms that cancel: compare on the model's scale.
+    assert_grads_close(fast_grads, parameter_grads(model, input_ids, "reference"), rtol=1e-3, floor=1e-4)
 
 
 # ------------------------------------------------------------------ 8. gradients via the shadow stream
@@ -372,12 +373,13 @@ def test_shadow_stream_gets_query_key_gradients(mixer, implementation):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_rndembqk_gradient_reaches_shadow_input(implementation):
-    """The loss is differentiable w.r.t. the noise input ε of the shadow stream, on exactly the first L rows."""
+    """The loss is differentiable w.r.t. the noise input ε of the shadow stream: rows 0..L-2 get gradients,
+    rows from L on none (row L-1 only shapes the last position's map, whose logits have no target)."""
     model = make_model("uniform:rndembqk")
     noise = model.model.shadow_noise.requires_grad_(True)
     next_token_loss(model, random_ids(2, 12), implementation)
     row_norms = noise.grad.norm(dim=-1)
-    assert (row_norms[:12] > 0).all()
+    assert (row_norms[:11] > 0).all()
     assert (row_norms[12:] == 0).all()
 
 
@@ -389,9 +391,11 @@ def test_fixedseqqk_gradient_reaches_fixed_sequence_embeddings(implementation):
     input_ids = random_ids(2, 12)
     next_token_loss(model, input_ids, implementation)
     row_norms = model.model.embed_tokens.weight.grad.norm(dim=-1)
-    shadow = set(model.model.shadow_token_ids[:12].tolist())
+    shadow_ids = model.model.shadow_token_ids[:12].tolist()
     seen = set(input_ids.flatten().tolist())
-    shadow_only, unused = sorted(shadow - seen), sorted(set(range(VOCAB)) - shadow - seen)
+    # The last shadow position only shapes the last row of the map, whose logits have no target.
+    shadow_only = sorted(set(shadow_ids[:-1]) - seen)
+    unused = sorted(set(range(VOCAB)) - set(shadow_ids) - seen)
     assert len(shadow_only) >= 3 and unused
     assert (row_norms[shadow_only] > 0).all()
     assert (row_norms[unused] == 0).all()
