@@ -45,7 +45,7 @@ class _StreamInputs:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     key_padding_mask: torch.Tensor | None
     static_embeddings: torch.Tensor  # e = Emb(t): [batch, seq, hidden]
-    shadow_states: dict[str, list[torch.Tensor]]  # source → input of each layer in that shadow stream
+    shadow_states: dict[str, dict[int, torch.Tensor]]  # source → {layer index: that layer's shadow input}
     shadow_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     reference: bool
     need_weights: bool = False
@@ -169,7 +169,7 @@ class AttnLabModel(AttnLabPreTrainedModel):
 
     def _shadow_stream(
         self, source: str, layers: list[AttnLabDecoderLayer], seq_len: int, reference: bool
-    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    ) -> tuple[dict[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """Run the fixed shadow input (batch 1, positions 0..L−1) through `layers`, with gradients.
 
         Returns each layer's input X_{l−1} (indexed by layer number) and the stream's RoPE tables.
@@ -238,7 +238,7 @@ class AttnLabModel(AttnLabPreTrainedModel):
 
         layers = self.active_layers()
         reference = implementation == "reference"
-        shadow_states: dict[str, list[torch.Tensor]] = {}
+        shadow_states: dict[str, dict[int, torch.Tensor]] = {}
         shadow_positions = None
         for source in SHADOW_SOURCES:
             if any(layer.self_attn.qk_source == source for layer in layers):
