@@ -25,6 +25,13 @@ MODEL_FLAGS = {
 MODEL_SWITCHES = {"--qk-norm": "qk_norm", "--tie-word-embeddings": "tie_word_embeddings", "--attention-bias": "attention_bias"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags end with one line and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model architecture (override the preset)")
     for flag, (field, kind) in MODEL_FLAGS.items():
@@ -61,11 +68,54 @@ def command_params(args: argparse.Namespace) -> int:
     return 0
 
 
+# `attnlab train` flags: flag → (TrainConfig field, type, help).
+TRAIN_FLAGS = {
+    "--data": ("data", str, "builtin | hf:<name>[:<config>] | .txt/.jsonl/.jsonl.zst/.parquet files, globs, folders"),
+    "--tokenizer": ("tokenizer", str, "AutoTokenizer name or path, or bpe:<vocab> (trained on the training text)"),
+    "--seq-len": ("seq_len", int, "tokens per sequence"),
+    "--batch-size": ("batch_size", int, "sequences per micro-batch per device"),
+    "--global-batch-size": ("global_batch_size", int, "sequences per optimizer step (gradient accumulation)"),
+    "--tokens": ("tokens", int, "token budget"),
+    "--max-steps": ("max_steps", int, "optimizer steps (overrides --tokens)"),
+    "--lr": ("lr", float, "peak learning rate"),
+    "--warmup-steps": ("warmup_steps", int, "linear warm-up steps"),
+    "--seed": ("seed", int, "seed of initialisation and data order"),
+    "--save-every": ("save_every", int, "steps between checkpoints"),
+    "--keep-checkpoints": ("keep_checkpoints", int, "newest checkpoints kept"),
+    "--eval-every": ("eval_every", int, "steps between held-out evaluations"),
+    "--eval-sequences": ("eval_sequences", int, "held-out sequences per evaluation"),
+    "--max-nonfinite-skips": ("max_nonfinite_skips", int, "non-finite batches to skip before stopping"),
+    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
+    "--parallel": ("parallel", str, "under torchrun: auto | ddp | fsdp"),
+}
+TRAIN_SWITCHES = {"--compile": "compile", "--tensorboard": "tensorboard", "--wandb": "wandb"}
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from .runconfig import resolve_run_config
+    from .train import EXIT_DIVERGED, TrainingDiverged, train
+
+    train_overrides = {field: getattr(args, field) for field, _, _ in TRAIN_FLAGS.values() if getattr(args, field) is not None}
+    train_overrides.update({f: getattr(args, f) for f in TRAIN_SWITCHES.values() if getattr(args, f) is not None})
+    model_options = model_overrides(args)
+    if args.layers is not None:
+        model_options["layers"] = args.layers
+    run = resolve_run_config(args.preset, args.config, model_options, train_overrides)
+    out = args.out or f"runs/{args.preset}-{(args.layers or 'standard').replace(':', '-').replace(',', '-')}"
+    try:
+        train(run, out, resume=args.resume)
+    except TrainingDiverged as error:
+        print(f"attnlab: error: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
+    print(f"attnlab: trained model, tokenizer and metrics are in {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="attnlab", description="Which parts of attention matter? (Deconstructing Attention, arXiv 2510.11602)"
     )
-    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     params = subcommands.add_parser(
         "params",
         help="parameter counts of the seven variants, uniform and hybrid",
@@ -78,6 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--format", choices=("markdown", "json"), default="markdown")
     add_model_arguments(params)
     params.set_defaults(handler=command_params)
+
+    train = subcommands.add_parser(
+        "train",
+        help="pretrain a model (one process, or one per device under torchrun)",
+        description="Pretrain an attnlab model: preset YAML, then --config, then flags. "
+        "Writes checkpoints, metrics.jsonl, TensorBoard logs and the final model to --out.",
+    )
+    train.add_argument("--preset", default="cpu-tiny", choices=presets.preset_names())
+    train.add_argument("--config", help="YAML file with model: and/or train: sections (overrides the preset)")
+    train.add_argument("--layers", help="layer pattern: uniform:<mixer>, hybrid:<mixer>, <placement>:<mixer>, or a list")
+    train.add_argument("--out", help="output folder (default: runs/<preset>-<layers>)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    for flag, (field, kind, help_text) in TRAIN_FLAGS.items():
+        train.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+    for flag, field in TRAIN_SWITCHES.items():
+        train.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None)
+    add_model_arguments(train)
+    train.set_defaults(handler=command_train)
     return parser
 
 

@@ -1,0 +1,81 @@
+"""Atomic, HF-style training checkpoints: `OUT/checkpoint-<step>/`.
+
+A checkpoint folder holds the model (`save_pretrained`: config.json + model.safetensors) and
+`trainer_state.pt` (optimizer, scheduler, RNG states, data position, counters). It is written under a
+temporary name and renamed when complete, so a kill at any instant leaves the previous checkpoint intact;
+only folders named `checkpoint-<step>` that contain `trainer_state.pt` count as complete.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.pt"
+
+
+def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint in `out`, oldest first."""
+    if not out.is_dir():
+        return []
+    found = []
+    for path in out.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and (path / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    checkpoints = complete_checkpoints(out)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model,
+    trainer_state: dict[str, Any],
+    keep: int,
+    after_weights: Callable[[], None] | None = None,
+) -> Path:
+    """Write `checkpoint-<step>` atomically, then delete all but the newest `keep` complete checkpoints.
+
+    `after_weights` runs once the weights are on disk in the temporary folder (used for fault injection).
+    """
+    final = out / f"checkpoint-{step}"
+    temporary = out / f".checkpoint-{step}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    if after_weights is not None:
+        after_weights()
+    torch.save(trainer_state, temporary / TRAINER_STATE)
+    _fsync_folder(temporary)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    for _, old in complete_checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=False)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete half-written checkpoint folders left by a killed run."""
+    for path in out.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())

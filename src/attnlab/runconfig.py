@@ -1,0 +1,163 @@
+"""Run configuration for `attnlab train`: a preset's YAML, an optional user YAML, then command-line flags.
+
+A run is described by two sections — `model` (AttnLabConfig fields) and `train` (`TrainConfig` fields);
+unknown keys in either are rejected with the list of valid ones. The resolved configuration is written to
+`OUT/run_config.yaml`, and a resumed run must resolve to the same one (up to `RESUMABLE_CHANGES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import presets
+from .config import AttnLabConfig
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; the defaults are the paper's (spec §4), the presets adjust sizes and budgets."""
+
+    data: str = "builtin"  # builtin | hf:<name>[:<config>] | local .txt/.jsonl/.jsonl.zst/.parquet files or globs
+    tokenizer: str = "bpe:4096"  # an AutoTokenizer name or path, or bpe:<vocab> trained on the training text
+    seq_len: int = 2048  # tokens per sequence
+    batch_size: int = 8  # sequences per micro-batch on each device
+    global_batch_size: int = 256  # sequences per optimizer step over all devices (gradient accumulation fills it)
+    tokens: int | None = 15_000_000_000  # token budget; steps = ceil(tokens / (global_batch_size · seq_len))
+    max_steps: int | None = None  # if set, overrides the token budget
+    lr: float = 4e-4  # peak learning rate, reached after warm-up, then cosine (half a cycle) to zero
+    warmup_steps: int = 2000
+    weight_decay: float = 0.1  # on matrices and embeddings; not on biases and norm gains
+    beta1: float = 0.9
+    beta2: float = 0.9999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm
+    seed: int = 0
+    save_every: int = 1000  # optimizer steps between checkpoints
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    eval_every: int = 500  # optimizer steps between held-out evaluations (0: only at the end)
+    eval_sequences: int = 64  # held-out sequences per evaluation
+    max_nonfinite_skips: int = 0  # batches with a non-finite loss/gradient to skip before stopping (0: stop at once)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile the model
+    parallel: str = "auto"  # auto | ddp | fsdp (only under torchrun)
+    tensorboard: bool = True  # also log to OUT/tensorboard
+    wandb: bool = False  # also log to Weights & Biases (needs `wandb` installed)
+
+    def num_steps(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return math.ceil(self.tokens / (self.global_batch_size * self.seq_len))
+
+
+# Settings a resumed run may change: budget, cadence and execution, not the experiment itself.
+RESUMABLE_CHANGES = {
+    "tokens", "max_steps", "save_every", "keep_checkpoints", "eval_every", "device", "compile",
+    "tensorboard", "wandb", "max_nonfinite_skips", "parallel", "batch_size",
+}
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+@dataclass
+class RunConfig:
+    model: dict[str, Any]
+    train: TrainConfig
+    preset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"preset": self.preset, "model": dict(self.model), "train": dataclasses.asdict(self.train)}
+
+    def write(self, path: Path) -> None:
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def resolve_run_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """Merge preset ← config file ← overrides (later wins); validate every key and value."""
+    sections: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    sources = []
+    if preset is not None:
+        sources.append((f"preset {preset}", presets.load_preset(preset)))
+    if config_file is not None:
+        sources.append((str(config_file), _read_yaml(Path(config_file))))
+    sources.append(("command line", {"model": model_overrides or {}, "train": train_overrides or {}}))
+    for origin, document in sources:
+        unknown_sections = set(document) - {"model", "train"}
+        if unknown_sections:
+            raise ValueError(f"{origin}: unknown section(s) {sorted(unknown_sections)}; use 'model:' and 'train:'")
+        for section in ("model", "train"):
+            sections[section].update(document.get(section) or {})
+    train = _build_train_config(sections["train"])
+    model = sections["model"]
+    AttnLabConfig(**model)  # rejects unknown or invalid model options now, with AttnLabConfig's message
+    return RunConfig(model=model, train=train, preset=preset)
+
+
+def _build_train_config(values: dict[str, Any]) -> TrainConfig:
+    unknown = sorted(set(values) - set(TRAIN_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown train option(s): {', '.join(unknown)}; valid options: {', '.join(TRAIN_FIELDS)}")
+    train = TrainConfig(**values)
+    positive = ["seq_len", "batch_size", "global_batch_size", "save_every", "keep_checkpoints", "eval_sequences"]
+    for name in positive:
+        if not isinstance(getattr(train, name), int) or getattr(train, name) < 1:
+            raise ValueError(f"train option {name} must be a positive integer, got {getattr(train, name)!r}")
+    if train.max_steps is None and (train.tokens is None or train.tokens < 1):
+        raise ValueError("give a positive token budget (--tokens) or a step count (--max-steps)")
+    if train.max_steps is not None and train.max_steps < 1:
+        raise ValueError(f"--max-steps must be positive, got {train.max_steps}")
+    if train.lr <= 0 or train.grad_clip <= 0:
+        raise ValueError("--lr and grad_clip must be positive")
+    if train.parallel not in ("auto", "ddp", "fsdp"):
+        raise ValueError(f"parallel must be auto, ddp or fsdp, got {train.parallel!r}")
+    return train
+
+
+def check_resume_compatible(saved: dict[str, Any], current: RunConfig) -> None:
+    """Raise if a resumed run would not continue the same experiment."""
+    now = current.to_dict()
+    differences = []
+    for key in sorted(set(saved.get("model", {})) | set(now["model"])):
+        if saved.get("model", {}).get(key) != now["model"].get(key):
+            differences.append(f"model.{key}: {saved.get('model', {}).get(key)!r} in the checkpoint, {now['model'].get(key)!r} now")
+    for key, value in now["train"].items():
+        if key not in RESUMABLE_CHANGES and saved.get("train", {}).get(key) != value:
+            differences.append(f"train.{key}: {saved.get('train', {}).get(key)!r} in the checkpoint, {value!r} now")
+    if differences:
+        raise ValueError(
+            "cannot resume: the run in this folder was made with a different configuration ("
+            + "; ".join(differences[:4])
+            + "); resume with the same options, or start a new run with another --out"
+        )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"config file {path} must be a mapping with 'model:' and/or 'train:' sections")
+    return document
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+__all__ = ["RunConfig", "TrainConfig", "check_resume_compatible", "resolve_run_config", "write_text_atomic"]

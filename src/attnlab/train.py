@@ -1,0 +1,558 @@
+"""`attnlab train`: pretraining as the paper does it (spec §4), from one command, resumable, on 1..N devices.
+
+Reads top to bottom: set up devices → data and tokenizer → model → optimizer and schedule → (resume) →
+the loop (accumulate, clip, guard against divergence, step, log, evaluate, checkpoint) → final model.
+
+Under `torchrun` every rank runs this same function: DDP (or FSDP2 with `parallel: fsdp`), gloo on CPU,
+NCCL on CUDA; the data stream is sharded by rank; rank 0 logs and writes files.
+
+Fault injection for tests (environment variable `ATTNLAB_FAULT`): `kill-at-step:N` SIGKILLs the process
+before optimizer step N, `kill-during-save:N` SIGKILLs it while checkpoint N is half-written,
+`nan-at-step:N` makes the loss of step N non-finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from . import data as attnlab_data
+from .checkpoint import latest_checkpoint, load_trainer_state, remove_stale_temporaries, save_checkpoint
+from .config import AttnLabConfig
+from .model import AttnLabForCausalLM
+from .runconfig import RunConfig, check_resume_compatible, write_text_atomic
+
+EXIT_DIVERGED = 3
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; the message is the one line shown to the user."""
+
+
+@dataclass
+class Devices:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def main_decides(self, decide):
+        """Run `decide()` on rank 0 only and give its result — or its ValueError — to every rank."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = decide()
+            except ValueError as raised:
+                error = str(raised)
+        if self.world_size > 1:
+            shared = [result, error]
+            dist.broadcast_object_list(shared, src=0)
+            result, error = shared
+        if error is not None:
+            raise ValueError(error)
+        return result
+
+
+def setup_devices(requested: str) -> Devices:
+    """One process per device; under torchrun (WORLD_SIZE > 1) join the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {requested} was asked for but no CUDA device is available; use --device cpu")
+        device = torch.device("cuda", local_rank if requested == "cuda" else torch.device(requested).index)
+        torch.cuda.set_device(device)
+    elif requested == "cpu":
+        device = torch.device("cpu")
+    else:
+        raise ValueError(f"unknown --device {requested!r}; use auto, cpu, cuda or cuda:N")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Devices(rank=rank, world_size=world_size, device=device)
+
+
+def train(run: RunConfig, out: str | Path, resume: bool = False) -> Path:
+    """Train the model described by `run` into `out`; returns `out`. Raises ValueError for bad input and
+    TrainingDiverged when the guard stops the run."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no "Writing model shards" bar inside the training log
+    out = Path(out)
+    devices = setup_devices(run.train.device)
+    try:
+        return _train(run, out, resume, devices)
+    finally:
+        if devices.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(run: RunConfig, out: Path, resume: bool, devices: Devices) -> Path:
+    settings = run.train
+    checkpoint = devices.main_decides(lambda: _prepare_output_folder(run, out, resume))
+    accumulation = _accumulation_steps(settings, devices.world_size)
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+
+    # Data and tokenizer. The tokenizer is built once (rank 0) and read back by every rank from OUT.
+    corpus = attnlab_data.open_corpus(settings.data)
+    if not resume:
+        devices.main_decides(lambda: attnlab_data.build_tokenizer(settings.tokenizer, corpus).save_pretrained(out))
+    tokenizer = _load_tokenizer(out)
+    stream = attnlab_data.make_train_stream(
+        corpus, tokenizer, settings.seq_len, settings.seed, rank=devices.rank, world_size=devices.world_size
+    )
+    heldout = attnlab_data.heldout_sequences(corpus, tokenizer, settings.seq_len, settings.eval_sequences)
+
+    # Model: from the checkpoint when resuming (exact weights and buffers), else from the config.
+    if checkpoint is not None:
+        model = AttnLabForCausalLM.from_pretrained(checkpoint)
+    else:
+        model = AttnLabForCausalLM(_model_config(run, tokenizer))
+        if "fixedseqqk" in model.config.mixer_types:  # t_s = the first L_max tokens of the training corpus
+            ids = attnlab_data.first_tokens(corpus, tokenizer, model.config.shadow_seq_len)
+            model.model.set_fixed_sequence(ids, source=f"corpus:{corpus.description}")
+    model.to(devices.device)
+    raw_model = model
+    sharded = devices.world_size > 1 and _resolve_parallel(settings.parallel, raw_model) == "fsdp"
+    model = _parallelize(model, sharded, devices)
+    if settings.compile:
+        model = torch.compile(model)
+
+    optimizer = torch.optim.AdamW(
+        _parameter_groups(raw_model, settings.weight_decay),
+        lr=settings.lr,
+        betas=(settings.beta1, settings.beta2),
+        eps=settings.eps,
+    )
+    total_steps = settings.num_steps()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings.warmup_steps, total_steps))
+    step, tokens_seen, skipped = 0, 0, 0
+    if checkpoint is not None:
+        state = load_trainer_state(checkpoint)
+        _load_optimizer_state(raw_model, optimizer, state["optimizer"], sharded)
+        scheduler.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["data"][devices.rank])
+        _set_rng_states(state["rng"])
+        step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped"]
+        if devices.is_main:
+            _truncate_metrics(out / "metrics.jsonl", step)
+    if devices.is_main:
+        run.write(out / "run_config.yaml")
+
+    logger = _Logger(out, run, devices, total_steps, step)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if devices.device.type == "cuda" else nullcontext()
+    )  # fp32 on CPU, bf16 autocast on CUDA
+    tokens_per_step = settings.global_batch_size * settings.seq_len
+    fault = _Fault.from_environment()
+
+    while step < total_steps:
+        fault.maybe_kill_before_step(step + 1)
+        started = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=devices.device)
+        for micro_step in range(accumulation):
+            batch = stream.next_batch(settings.batch_size).to(devices.device)  # [batch, seq_len]
+            last = micro_step == accumulation - 1
+            sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync, autocast:
+                loss = model(input_ids=batch, labels=batch, return_logits=False).loss / accumulation
+                if fault.poisons(step + 1):
+                    loss = loss * float("nan")
+                loss.backward()
+            loss_sum += loss.detach()
+        if devices.world_size > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), settings.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            problem = _describe_divergence(raw_model, batch, step + 1, loss_sum, grad_norm, out)
+            if skipped >= settings.max_nonfinite_skips:
+                raise TrainingDiverged(problem)
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            logger.warn(f"{problem}; skipping this batch ({skipped}/{settings.max_nonfinite_skips})")
+            continue
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        record = {
+            "step": step,
+            "loss": loss_sum.item(),
+            "lr": lr,
+            "tokens": tokens_seen,
+            "tokens_per_s": tokens_per_step / (time.perf_counter() - started),
+            "grad_norm": grad_norm.item(),
+            "epoch": stream.epoch,
+        }
+        if step == total_steps or (settings.eval_every and step % settings.eval_every == 0):
+            record["eval_loss"] = evaluate_loss(raw_model, heldout, settings.batch_size, devices.device)
+        logger.log(record)
+        if step % settings.save_every == 0 or step == total_steps:
+            _save(out, step, raw_model, optimizer, scheduler, stream, tokens_seen, skipped, settings, devices, fault, sharded)
+
+    final_model = _gathered_model(raw_model, sharded, devices)
+    if devices.is_main:
+        _save_final(final_model, out)
+    logger.close()
+    devices.barrier()
+    return out
+
+
+def evaluate_loss(model, sequences: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Mean next-token loss over held-out sequences [n, seq_len] (every rank computes the same value)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            batch = sequences[start : start + batch_size].to(device)
+            loss = model(input_ids=batch, labels=batch, return_logits=False).loss
+            total += loss.item() * len(batch)
+            count += len(batch)
+    model.train(was_training)
+    return total / count
+
+
+# --------------------------------------------------------------------------------------------------- setup
+
+
+def _prepare_output_folder(run: RunConfig, out: Path, resume: bool) -> Path | None:
+    """Check that `out` can take this run and claim it; return the checkpoint to resume from (or None).
+    Runs on rank 0 only (see `Devices.main_decides`)."""
+    saved_config = out / "run_config.yaml"
+    if resume:
+        if not saved_config.is_file():
+            raise ValueError(f"--resume: {out} holds no run (no run_config.yaml); start it without --resume")
+        check_resume_compatible(yaml.safe_load(saved_config.read_text()), run)
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            raise ValueError(f"--resume: {out} has no complete checkpoint yet; start the run again without --resume")
+        remove_stale_temporaries(out)
+        return checkpoint
+    if saved_config.exists() or latest_checkpoint(out) is not None:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    run.write(saved_config)
+    return None
+
+
+def _accumulation_steps(settings, world_size: int) -> int:
+    per_step = settings.batch_size * world_size
+    if settings.global_batch_size % per_step != 0:
+        raise ValueError(
+            f"global_batch_size={settings.global_batch_size} is not a multiple of batch_size × devices = "
+            f"{settings.batch_size} × {world_size}; adjust --batch-size or --global-batch-size"
+        )
+    return settings.global_batch_size // per_step
+
+
+def _load_tokenizer(out: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(out)
+
+
+def _model_config(run: RunConfig, tokenizer) -> AttnLabConfig:
+    """The preset's model options with the vocabulary sized to the tokenizer (rounded up to a multiple of 64:
+    Pythia's 50277 tokens → 50304, as in the paper) and its special token ids."""
+    options = dict(run.model)
+    options["vocab_size"] = 64 * math.ceil(len(tokenizer) / 64)
+    options["eos_token_id"] = tokenizer.eos_token_id
+    options["bos_token_id"] = tokenizer.bos_token_id
+    options["pad_token_id"] = tokenizer.pad_token_id
+    config = AttnLabConfig(**options)
+    if run.train.seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"--seq-len {run.train.seq_len} exceeds the model's max_position_embeddings="
+            f"{config.max_position_embeddings}; lower --seq-len or raise max_position_embeddings"
+        )
+    return config
+
+
+def _resolve_parallel(parallel: str, model) -> str:
+    """`auto` shards (FSDP2) models of a billion parameters or more and replicates (DDP) smaller ones."""
+    if parallel != "auto":
+        return parallel
+    return "fsdp" if sum(p.numel() for p in model.parameters()) >= 1_000_000_000 else "ddp"
+
+
+def _parallelize(model, sharded: bool, devices: Devices):
+    if devices.world_size == 1:
+        return model
+    if sharded:  # FSDP2: each decoder layer is one shard group, then the root
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [devices.device.index] if devices.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _parameter_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices and embeddings; none on biases and norm gains."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _schedule(warmup_steps: int, total_steps: int):
+    """Linear warm-up to the peak, then half a cosine cycle to zero at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------- guard
+
+
+def _describe_divergence(model, batch, step: int, loss, grad_norm, out: Path) -> str:
+    """One line naming the step, what was non-finite, and the layer with the largest pre-softmax activation."""
+    what = f"loss is {loss.item():g}" if not torch.isfinite(loss) else f"gradient norm is {grad_norm.item():g}"
+    worst_layer, worst_value = None, -1.0
+    with torch.no_grad():
+        output = model(input_ids=batch, output_mixer_scores=True)
+    for index, scores in enumerate(output.mixer_scores):
+        if scores is None:
+            continue
+        magnitude = scores.detach().float().abs()
+        value = math.inf if torch.isinf(magnitude).any() else torch.nan_to_num(magnitude, nan=0.0).max().item()
+        if value > worst_value:
+            worst_layer, worst_value = index, value
+    where = (
+        f"; largest pre-softmax activation: layer {worst_layer + 1} ({model.config.mixer_types[worst_layer]}), "
+        f"|s| = {worst_value:.3g}"
+        if worst_layer is not None
+        else ""
+    )
+    last = latest_checkpoint(out)
+    kept = f"; last finite checkpoint: {last}" if last is not None else "; no checkpoint was written"
+    return f"training diverged at step {step}: {what}{where}{kept}"
+
+
+class _Fault:
+    """Fault injection for tests, from ATTNLAB_FAULT (see the module docstring)."""
+
+    def __init__(self, kind: str | None = None, step: int | None = None) -> None:
+        self.kind, self.step = kind, step
+
+    @classmethod
+    def from_environment(cls) -> _Fault:
+        spec = os.environ.get("ATTNLAB_FAULT")
+        if not spec:
+            return cls()
+        kind, _, step = spec.partition(":")
+        if kind not in ("kill-at-step", "kill-during-save", "nan-at-step") or not step.isdigit():
+            raise ValueError(f"ATTNLAB_FAULT={spec!r} is not kill-at-step:N, kill-during-save:N or nan-at-step:N")
+        return cls(kind, int(step))
+
+    def maybe_kill_before_step(self, step: int) -> None:
+        if self.kind == "kill-at-step" and step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def kill_during_save(self, step: int):
+        if self.kind == "kill-during-save" and step == self.step:
+            return lambda: os.kill(os.getpid(), signal.SIGKILL)
+        return None
+
+    def poisons(self, step: int) -> bool:
+        """True once, for the first micro-batch of step N."""
+        if self.kind == "nan-at-step" and step == self.step:
+            self.kind = None
+            return True
+        return False
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def _save(out, step, model, optimizer, scheduler, stream, tokens_seen, skipped, settings, devices, fault, sharded):
+    data_states = [stream.state_dict()]
+    if devices.world_size > 1:  # each rank's stream position; equal for finite corpora, distinct when streaming
+        data_states = [None] * devices.world_size
+        dist.all_gather_object(data_states, stream.state_dict())
+    full_model = _gathered_model(model, sharded, devices)
+    optimizer_state = _optimizer_state(model, optimizer, sharded)
+    if devices.is_main:
+        if not all(torch.isfinite(parameter).all() for parameter in full_model.parameters()):
+            raise TrainingDiverged(f"training diverged at step {step}: non-finite weights; checkpoint not written")
+        state = {
+            "step": step,
+            "tokens": tokens_seen,
+            "skipped": skipped,
+            "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(),
+            "data": data_states,
+            "rng": _rng_states(),
+        }
+        after_weights = fault.kill_during_save(step)
+        save_checkpoint(out, step, full_model, state, settings.keep_checkpoints, after_weights=after_weights)
+    devices.barrier()
+
+
+def _gathered_model(model, sharded: bool, devices: Devices):
+    """A plain (unsharded) model to save: the model itself, or under FSDP a CPU copy assembled on rank 0."""
+    if not sharded:
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not devices.is_main:
+        return None
+    plain = AttnLabForCausalLM(model.config)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # only a tied head
+    return plain
+
+
+def _optimizer_state(model, optimizer, sharded: bool) -> dict[str, Any]:
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer_state(model, optimizer, state: dict[str, Any], sharded: bool) -> None:
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+
+
+def _save_final(model, out: Path) -> None:
+    """The final model beside the tokenizer and run config in OUT; each file is renamed into place."""
+    staging = out / ".final.tmp"
+    model.save_pretrained(staging)
+    for path in staging.iterdir():
+        os.replace(path, out / path.name)
+    staging.rmdir()
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop metric lines of steps after the checkpoint (they will be recomputed)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+# --------------------------------------------------------------------------------------------- logging
+
+
+class _Logger:
+    """metrics.jsonl (one object per optimizer step), TensorBoard, optional W&B, and the progress display."""
+
+    def __init__(self, out: Path, run: RunConfig, devices: Devices, total_steps: int, start_step: int) -> None:
+        self.enabled = devices.is_main
+        self.total_steps = total_steps
+        self.metrics = None
+        self.tensorboard = self.wandb = self.progress = None
+        if not self.enabled:
+            return
+        self.metrics = open(out / "metrics.jsonl", "a")
+        if run.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                print("attnlab: TensorBoard is not installed; logging to metrics.jsonl only", file=sys.stderr)
+        if run.train.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("--wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project="attnlab", config=run.to_dict(), dir=str(out))
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.print_every = max(1, total_steps // 20)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        for key, value in record.items():
+            if key != "step" and self.tensorboard is not None:
+                self.tensorboard.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+        summary = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
+        if "eval_loss" in record:
+            summary += f"  held-out {record['eval_loss']:.4f}"
+        if self.progress is not None:
+            self.progress.set_postfix_str(summary, refresh=False)
+            self.progress.update(1)
+            if "eval_loss" in record:
+                self.progress.write(f"step {record['step']}: {summary}")
+        elif record["step"] % self.print_every == 0 or "eval_loss" in record or record["step"] == self.total_steps:
+            print(f"step {record['step']}/{self.total_steps}: {summary}", file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        if self.enabled:
+            print(f"attnlab: warning: {message}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.progress is not None:
+            self.progress.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,235 @@
+"""`attnlab train` end to end on a tiny model: exact resume after SIGKILL, atomic checkpoints, the
+divergence guard, DDP under torchrun (gloo), run configuration, and every bad-input path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import attnlab  # noqa: F401  (registers the Auto classes)
+from attnlab.cli import main
+from attnlab.runconfig import check_resume_compatible, resolve_run_config
+
+TINY_MODEL = [
+    "--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "2", "--num-attention-heads", "2",
+]
+
+
+def tiny_train_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--preset", "cpu-tiny", *TINY_MODEL,
+        "--data", str(corpus), "--tokenizer", "bpe:320", "--out", str(out),
+        "--seq-len", "32", "--batch-size", "4", "--global-batch-size", "4", "--max-steps", "12",
+        "--warmup-steps", "2", "--save-every", "4", "--eval-every", "4", "--eval-sequences", "4",
+        "--no-tensorboard", *extra,
+    ]
+
+
+def run_attnlab(args: list[str], fault: str | None = None, launcher: list[str] | None = None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ATTNLAB_FAULT", None)
+    if fault:
+        env["ATTNLAB_FAULT"] = fault
+    command = (launcher or [sys.executable, "-m"]) + ["attnlab", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {record["step"]: record["loss"] for record in records}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small real-English JSONL corpus: CPython's documentation topics (on every Python install)."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "topics.jsonl"
+    with path.open("w") as handle:
+        for name in sorted(topics)[:60]:
+            handle.write(json.dumps({"text": topics[name]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    result = run_attnlab(tiny_train_args(corpus, out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_a_run_writes_metrics_checkpoints_and_a_loadable_final_model(uninterrupted):
+    records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == list(range(1, 13))
+    for record in records:
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm"} <= set(record)
+        assert record["tokens"] == record["step"] * 4 * 32
+    assert [record["step"] for record in records if "eval_loss" in record] == [4, 8, 12]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert sorted(p.name for p in uninterrupted.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-8"]  # keep 2
+    model = AutoModelForCausalLM.from_pretrained(uninterrupted)
+    tokenizer = AutoTokenizer.from_pretrained(uninterrupted)
+    assert model.config.vocab_size == 320 and len(tokenizer) <= 320
+    resolved = yaml.safe_load((uninterrupted / "run_config.yaml").read_text())
+    assert resolved["train"]["max_steps"] == 12 and resolved["model"]["hidden_size"] == 32
+    checkpoint = AutoModelForCausalLM.from_pretrained(uninterrupted / "checkpoint-12")
+    for (name, final), (_, saved) in zip(model.state_dict().items(), checkpoint.state_dict().items()):
+        assert torch.equal(final, saved), name
+
+
+def test_resume_after_sigkill_reproduces_every_loss(corpus, uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    killed = run_attnlab(tiny_train_args(corpus, out), fault="kill-at-step:7")
+    assert killed.returncode == -signal.SIGKILL
+    assert max(losses(out)) == 6 and (out / "checkpoint-4").is_dir()
+    resumed = run_attnlab(tiny_train_args(corpus, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(out) == losses(uninterrupted)  # bit-identical on CPU, steps 5..12 recomputed from step 4
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(corpus, uninterrupted, tmp_path):
+    out = tmp_path / "killed-saving"
+    killed = run_attnlab(tiny_train_args(corpus, out), fault="kill-during-save:8")
+    assert killed.returncode == -signal.SIGKILL
+    assert (out / ".checkpoint-8.tmp" / "model.safetensors").is_file()  # half written, never renamed
+    assert not (out / "checkpoint-8").exists()
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint-4")  # the previous one still loads
+    resumed = run_attnlab(tiny_train_args(corpus, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(out.glob(".checkpoint-*.tmp"))
+    assert losses(out) == losses(uninterrupted)
+
+
+def test_divergence_guard_stops_with_one_line_and_leaves_finite_checkpoints(corpus, tmp_path):
+    out = tmp_path / "diverged"
+    result = run_attnlab(tiny_train_args(corpus, out, "--layers", "hybrid:nonapprox"), fault="nan-at-step:6")
+    assert result.returncode == 3
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("attnlab: error: training diverged at step 6: loss is nan")
+    assert "largest pre-softmax activation: layer" in message and "checkpoint-4" in message
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-4")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_divergence_guard_can_skip_a_batch(corpus, tmp_path):
+    out = tmp_path / "skipped"
+    result = run_attnlab(tiny_train_args(corpus, out, "--max-nonfinite-skips", "1"), fault="nan-at-step:3")
+    assert result.returncode == 0, result.stderr
+    assert "skipping this batch (1/1)" in result.stderr
+    assert sorted(losses(out)) == list(range(1, 13))
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_cpu_processes_match_one_process(corpus, uninterrupted, tmp_path, parallel):
+    """torchrun, 2 ranks × 2 sequences (gloo) == 1 process × 4 sequences: the same global batches."""
+    out = tmp_path / parallel
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    args = tiny_train_args(corpus, out, "--batch-size", "2", "--parallel", parallel)
+    result = run_attnlab(args, launcher=launcher)
+    assert result.returncode == 0, result.stderr
+    distributed, single = losses(out), losses(uninterrupted)
+    assert sorted(distributed) == list(range(1, 13))
+    for step in distributed:
+        assert abs(distributed[step] - single[step]) < 1e-4, (step, distributed[step], single[step])
+    AutoModelForCausalLM.from_pretrained(out)  # rank 0 wrote a plain, loadable final model
+
+
+def test_fixedseqqk_takes_its_sequence_from_the_training_corpus(corpus, tmp_path):
+    from attnlab.data import first_tokens, open_corpus
+
+    out = tmp_path / "fixedseq"
+    assert main(tiny_train_args(corpus, out, "--layers", "hybrid:fixedseqqk", "--max-steps", "2")) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    expected = first_tokens(open_corpus(str(corpus)), tokenizer, model.config.shadow_seq_len)
+    assert model.model.shadow_token_ids.tolist() == expected
+    assert model.config.fixed_sequence_source.startswith("corpus:")
+
+
+# ----------------------------------------------------------------------------------------- configuration
+
+
+def test_run_config_precedence_and_unknown_keys(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("model:\n  num_hidden_layers: 2\ntrain:\n  lr: 0.01\n  seq_len: 64\n")
+    run = resolve_run_config("cpu-tiny", config_file, {"layers": "hybrid:mlp"}, {"seq_len": 32})
+    assert run.model["num_hidden_layers"] == 2 and run.model["hidden_size"] == 128  # file over preset
+    assert run.train.lr == 0.01 and run.train.seq_len == 32  # flags over file
+    config_file.write_text("train:\n  learning_rate: 0.01\n")
+    with pytest.raises(ValueError, match="unknown train option.*learning_rate"):
+        resolve_run_config("cpu-tiny", config_file)
+    config_file.write_text("model:\n  hidden: 64\n")
+    with pytest.raises(ValueError, match="unknown AttnLabConfig option.*hidden"):
+        resolve_run_config("cpu-tiny", config_file)
+    config_file.write_text("optimizer:\n  lr: 1\n")
+    with pytest.raises(ValueError, match="unknown section"):
+        resolve_run_config("cpu-tiny", config_file)
+
+
+def test_resume_compatibility_allows_budget_changes_only():
+    saved = resolve_run_config("cpu-tiny").to_dict()
+    check_resume_compatible(saved, resolve_run_config("cpu-tiny", train_overrides={"max_steps": 5000}))
+    with pytest.raises(ValueError, match="train.lr: 0.002 in the checkpoint, 0.1 now"):
+        check_resume_compatible(saved, resolve_run_config("cpu-tiny", train_overrides={"lr": 0.1}))
+    with pytest.raises(ValueError, match="model.layers"):
+        check_resume_compatible(saved, resolve_run_config("cpu-tiny", model_overrides={"layers": "uniform:mlp"}))
+
+
+def test_paper_presets_carry_the_paper_hyperparameters():
+    for preset in ("paper-70m", "paper-160m", "paper-500m"):
+        train = resolve_run_config(preset).train
+        assert (train.beta1, train.beta2, train.eps, train.lr) == (0.9, 0.9999, 1e-8, 4e-4)
+        assert (train.warmup_steps, train.weight_decay, train.grad_clip, train.seq_len) == (2000, 0.1, 1.0, 2048)
+        assert train.global_batch_size * train.seq_len == 524_288  # ~0.5M tokens per step
+        assert train.tokenizer == "EleutherAI/pythia-160m" and train.data == "hf:cerebras/SlimPajama-627B"
+    assert resolve_run_config("qwen3-1.7b").train.lr == 3e-4
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def bad_input_cases(corpus: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
+    malformed = tmp_path / "bad.jsonl"
+    malformed.write_text('{"text": "fine"}\n{"text": broken\n')
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    return [
+        (["--layers", "uniform:attention"], "unknown mixer 'attention'"),
+        (["--layers", "standard,mlp", "--num-hidden-layers", "3"], "names 2 mixers but the model has num_hidden_layers=3"),
+        (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+        (["--data", str(empty)], "empty.txt"),
+        (["--data", str(malformed)], "line 2"),
+        (["--seq-len", "512"], "exceeds the model's max_position_embeddings=256"),
+        (["--global-batch-size", "6"], "not a multiple of batch_size"),
+        (["--num-attention-heads", "3"], "does not divide hidden_size"),
+    ]
+
+
+def test_bad_input_gives_one_line_and_exit_status_2(corpus, tmp_path):
+    for index, (extra, expected) in enumerate(bad_input_cases(corpus, tmp_path)):
+        result = run_attnlab(tiny_train_args(corpus, tmp_path / f"bad-{index}", *extra))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2, (extra, result.stderr)
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, (extra, lines)
+
+
+def test_unknown_preset_and_resume_mismatch_are_one_line_errors(corpus, uninterrupted, tmp_path, capsys):
+    assert run_attnlab(["train", "--preset", "paper-7b"]).returncode == 2
+    assert main(tiny_train_args(corpus, uninterrupted, "--resume", "--lr", "0.5")) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    assert main(tiny_train_args(corpus, uninterrupted)) == 2  # a finished run is not overwritten
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(tiny_train_args(corpus, tmp_path / "nothing", "--resume")) == 2
+    assert "holds no run" in capsys.readouterr().err
