@@ -20,6 +20,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .config import AttnLabConfig
+from .losses import fused_causal_lm_loss
 from .mixers import MixerInputs, MixerOutput, build_mixer
 from .modules import RMSNorm, RotaryEmbedding, SwiGLU
 
@@ -66,14 +67,15 @@ class AttnLabDecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, stream: _StreamInputs) -> tuple[torch.Tensor, MixerOutput]:
         source_kind = self.self_attn.qk_source
+        reference = stream.reference
         qk_source, qk_positions = None, None
         if source_kind == "static_embeddings":
-            qk_source = self.input_layernorm(stream.static_embeddings)
+            qk_source = self.input_layernorm(stream.static_embeddings, reference)
         elif source_kind in stream.shadow_states:  # absent inside the shadow stream itself: attend as standard
-            qk_source = self.input_layernorm(stream.shadow_states[source_kind][self.layer_idx])
+            qk_source = self.input_layernorm(stream.shadow_states[source_kind][self.layer_idx], reference)
             qk_positions = stream.shadow_position_embeddings
         mixed = self.self_attn(
-            self.input_layernorm(hidden_states),
+            self.input_layernorm(hidden_states, reference),
             MixerInputs(
                 position_embeddings=stream.position_embeddings,
                 key_padding_mask=stream.key_padding_mask,
@@ -85,7 +87,7 @@ class AttnLabDecoderLayer(nn.Module):
             ),
         )
         hidden_states = hidden_states + mixed.hidden_states
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states, reference), reference)
         return hidden_states, mixed
 
 
@@ -263,7 +265,7 @@ class AttnLabModel(AttnLabPreTrainedModel):
             hidden_states, mixed = layer(hidden_states, stream)
             all_weights.append(mixed.weights)
             all_scores.append(mixed.scores)
-        hidden_states = self.norm(hidden_states)
+        hidden_states = self.norm(hidden_states, reference)
         all_hidden_states.append(hidden_states)
         return AttnLabModelOutput(
             last_hidden_state=hidden_states,
@@ -284,6 +286,11 @@ def _key_padding_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: 
         )
     mask = attention_mask.bool()
     return None if bool(mask.all()) else mask
+
+
+def _loss_options(kwargs: dict) -> dict:
+    """The keyword arguments of transformers' `ForCausalLMLoss` that the fused loss takes too."""
+    return {key: kwargs[key] for key in ("ignore_index", "num_items_in_batch", "shift_labels") if key in kwargs}
 
 
 class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
@@ -324,10 +331,15 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
         mixer_implementation: str | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
+        return_logits: bool = True,
         **kwargs,
     ) -> AttnLabCausalLMOutput:
         """Logits (and the shifted next-token loss when `labels` are given; -100 labels are ignored).
 
+        `return_logits=False` returns `logits=None` and, with `labels`, computes the loss fused with the LM
+        head (`losses.fused_causal_lm_loss`: the same loss and gradients, without the [batch, seq, vocab]
+        logits; the training path). Loss keyword arguments (`num_items_in_batch`, `ignore_index`,
+        `shift_labels`) are those of transformers' `ForCausalLMLoss` on either path.
         `output_attentions=True` returns each layer's applied mixing matrix [batch, heads, seq, seq]
         (None for `mlp` layers); `output_mixer_scores=True` each layer's pre-softmax activations (spec §6);
         `mixer_implementation="reference"` runs every mixer's explicit float32 reference path.
@@ -349,10 +361,13 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        logits = loss = None
+        if return_logits:
+            logits = self.lm_head(hidden_states)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        elif labels is not None:
+            loss = fused_causal_lm_loss(hidden_states, self.lm_head.weight, labels, **_loss_options(kwargs))
         return AttnLabCausalLMOutput(
             loss=loss,
             logits=logits,

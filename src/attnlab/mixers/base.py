@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..modules import RMSNorm, apply_rotary
@@ -91,23 +92,44 @@ class ProjectedMixer(Mixer):
         batch, seq, _ = projected.shape
         return projected.view(batch, seq, -1, self.head_dim).transpose(1, 2)
 
-    def project_queries_keys(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_queries_keys(self, source: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k = W_q source + b_q, W_k source + b_k, split into heads and QK-normed (no RoPE)."""
         query = self.split_heads(self.q_proj(source))  # [batch, heads, seq, head_dim]
         key = self.split_heads(self.k_proj(source))  # [batch, kv_heads, seq, head_dim]
         if self.q_norm is not None:
-            query, key = self.q_norm(query), self.k_norm(key)
+            query, key = self.q_norm(query, reference), self.k_norm(key, reference)
         return query, key
 
     def project_values(self, x: torch.Tensor) -> torch.Tensor:
         return self.split_heads(self.v_proj(x))  # [batch, kv_heads, seq, head_dim]
 
-    def rotated_queries_keys(self, x: torch.Tensor, inputs: MixerInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE_i(q_i), RoPE_j(k_j) from `inputs.qk_source` if given, else from `x` (spec §3)."""
-        source = x if inputs.qk_source is None else inputs.qk_source
-        query, key = self.project_queries_keys(source)
+    def project_heads(
+        self, x: torch.Tensor, inputs: MixerInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k from `inputs.qk_source` if given, else from `x` (spec §3); v from `x`. Split into heads
+        [batch, (kv_)heads, seq, head_dim] and QK-normed, no RoPE.
+
+        The reference path runs the three projections one by one; the fast path runs those that share an
+        input as one matmul over their concatenated weights (the parameters themselves stay separate).
+        """
+        if inputs.reference:
+            query, key = self.project_queries_keys(x if inputs.qk_source is None else inputs.qk_source, True)
+            return query, key, self.project_values(x)
+        if inputs.qk_source is None:
+            query, key, value = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            (query, key), value = fused_linear(inputs.qk_source, (self.q_proj, self.k_proj)), self.v_proj(x)
+        query, key, value = self.split_heads(query), self.split_heads(key), self.split_heads(value)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        return query, key, value
+
+    def rotate_queries_keys(
+        self, query: torch.Tensor, key: torch.Tensor, inputs: MixerInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE_i(q_i), RoPE_j(k_j), with the positions of the Q/K source."""
         cos, sin = inputs.qk_position_embeddings or inputs.position_embeddings
-        return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        return apply_rotary(query, cos, sin, inputs.reference), apply_rotary(key, cos, sin, inputs.reference)
 
     def expand_key_value_heads(self, tensor: torch.Tensor) -> torch.Tensor:
         """GQA: [batch, kv_heads, seq, d] → [batch, heads, seq, d], each K/V head shared by its group."""
@@ -119,6 +141,17 @@ class ProjectedMixer(Mixer):
         # [batch, heads, seq, head_dim] → o_proj([batch, seq, heads * head_dim]) : [batch, seq, hidden]
         batch, _, seq, _ = per_head.shape
         return self.o_proj(per_head.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def fused_linear(x: torch.Tensor, projections: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
+    """`tuple(p(x) for p in projections)` as one matmul over the concatenated weights (and biases)."""
+    weight = torch.cat([projection.weight for projection in projections])
+    biases = [projection.bias for projection in projections]
+    bias = None if any(b is None for b in biases) else torch.cat(biases)
+    if bias is None and any(b is not None for b in biases):
+        raise ValueError("fused_linear needs projections that all have a bias or all have none")
+    output = F.linear(x, weight, bias)  # [..., Σ out_features]
+    return output.split([projection.out_features for projection in projections], dim=-1)
 
 
 def allowed_positions(seq_len: int, key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -155,9 +188,10 @@ class PairwiseScoreMixer(ProjectedMixer):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
-        query, key = self.rotated_queries_keys(x, inputs)  # [1|batch, heads|kv_heads, seq, head_dim]
+        query, key, value = self.project_heads(x, inputs)
+        query, key = self.rotate_queries_keys(query, key, inputs)  # [1|batch, heads|kv_heads, seq, head_dim]
         key = self.expand_key_value_heads(key)
-        value = self.expand_key_value_heads(self.project_values(x))  # [batch, heads, seq, head_dim]
+        value = self.expand_key_value_heads(value)  # [batch, heads, seq, head_dim]
         if inputs.reference or inputs.need_weights or inputs.need_scores:
             allowed = allowed_positions(x.shape[1], inputs.key_padding_mask, x.device)
             output, weights, scores = self.reference_attention(query, key, value, allowed)

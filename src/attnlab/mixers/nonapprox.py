@@ -78,10 +78,10 @@ class SelfGatedPrefixSoftmax(ProjectedMixer):
     chunk_size: int = 64  # fast path: positions per chunk
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
-        query, key = self.project_queries_keys(x)
+        query, key, value = self.project_heads(x, inputs)
         query = F.silu(query)  # [batch, heads, seq, head_dim]
         key = self.expand_key_value_heads(key)
-        value = self.expand_key_value_heads(self.project_values(x))
+        value = self.expand_key_value_heads(value)
         scores = (query * key).sum(-1) * self.scaling  # s_j: [batch, heads, seq]
         if inputs.reference or inputs.need_weights or inputs.need_scores:
             allowed = allowed_positions(x.shape[1], inputs.key_padding_mask, x.device)
