@@ -87,7 +87,7 @@ class AttnLabDecoderLayer(nn.Module):
             ),
         )
         hidden_states = hidden_states + mixed.hidden_states
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states, reference), reference)
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states, reference))
         return hidden_states, mixed
 
 
@@ -235,7 +235,7 @@ class AttnLabModel(AttnLabPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)  # e = Emb(t): [batch, seq, hidden]
         batch, seq_len, _ = inputs_embeds.shape
         if position_ids is None:
-            position_ids = torch.arange(seq_len, device=inputs_embeds.device)[None].expand(batch, -1)
+            position_ids = torch.arange(seq_len, device=inputs_embeds.device)[None]  # one RoPE table for the batch
         key_padding_mask = _key_padding_mask(attention_mask, batch, seq_len)
 
         layers = self.active_layers()

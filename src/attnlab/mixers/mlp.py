@@ -22,4 +22,4 @@ class TokenwiseMLP(Mixer):
         self.token_mlp = SwiGLU(config.hidden_size, config.mlp_mixer_size)
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
-        return MixerOutput(self.token_mlp(x, inputs.reference))
+        return MixerOutput(self.token_mlp(x))
