@@ -27,9 +27,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from attnlab import MIXER_NAMES, AttnLabConfig, AttnLabForCausalLM
+from attnlab.export import to_qwen2
 from attnlab.presets import model_options
 
 PRESET = "cpu-tiny"
@@ -39,28 +39,6 @@ SEED = 0
 def attnlab_model(layers: str) -> AttnLabForCausalLM:
     torch.manual_seed(SEED)
     return AttnLabForCausalLM(AttnLabConfig(**model_options(PRESET), layers=layers)).train()
-
-
-def qwen2_twin(model: AttnLabForCausalLM) -> Qwen2ForCausalLM:
-    """The all-standard attnlab model as a `Qwen2ForCausalLM` (SDPA attention) with the same weights."""
-    config = model.config
-    qwen_config = Qwen2Config(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        tie_word_embeddings=config.tie_word_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        use_cache=False,
-        attn_implementation="sdpa",
-    )
-    twin = Qwen2ForCausalLM(qwen_config)
-    twin.load_state_dict(model.state_dict(), strict=True)
-    return twin.train()
 
 
 def training_step(model: torch.nn.Module, fused_loss: bool) -> Callable[[torch.Tensor], float]:
@@ -138,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     began = time.perf_counter()
     ours = attnlab_model("uniform:standard")
-    qwen = qwen2_twin(ours)
+    qwen = to_qwen2(ours, use_cache=False, attn_implementation="sdpa")  # same weights, SDPA attention
     times = take_turns(
         {"attnlab": training_step(ours, fused_loss=True), "qwen2": training_step(qwen, fused_loss=False)},
         batches,

@@ -5,29 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from attnlab import MIXER_NAMES, AttnLabForCausalLM
+from attnlab.export import to_qwen2
 from attnlab.model import default_fixed_sequence, default_shadow_noise
 
 from .conftest import tiny_config
-
-
-def qwen2_twin(config, **extra) -> Qwen2ForCausalLM:
-    qwen_config = Qwen2Config(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        tie_word_embeddings=config.tie_word_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        **extra,
-    )
-    return Qwen2ForCausalLM(qwen_config).eval()
 
 
 @pytest.mark.parametrize("num_key_value_heads", [4, 2, 1])
@@ -36,8 +20,7 @@ def test_all_standard_model_matches_qwen2(num_key_value_heads, tied):
     """Weights load strictly into Qwen2ForCausalLM and the logits agree (fp32, ≤ 1e-4)."""
     config = tiny_config(num_key_value_heads=num_key_value_heads, tie_word_embeddings=tied)
     ours = AttnLabForCausalLM(config).eval()
-    qwen = qwen2_twin(config)
-    qwen.load_state_dict(ours.state_dict(), strict=True)
+    qwen = to_qwen2(ours)  # loads the weights strictly
     input_ids = torch.randint(0, config.vocab_size, (3, 17))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, 12:] = 0  # right padding
@@ -53,8 +36,7 @@ def test_all_standard_model_matches_qwen2(num_key_value_heads, tied):
 def test_hidden_states_follow_the_transformers_convention():
     config = tiny_config(num_hidden_layers=3)
     ours = AttnLabForCausalLM(config).eval()
-    qwen = qwen2_twin(config)
-    qwen.load_state_dict(ours.state_dict(), strict=True)
+    qwen = to_qwen2(ours)  # loads the weights strictly
     input_ids = torch.randint(0, config.vocab_size, (2, 9))
     with torch.no_grad():
         mine = ours(input_ids, output_hidden_states=True).hidden_states
@@ -234,3 +216,10 @@ def test_bad_forward_arguments_are_rejected():
         model(input_ids, mixer_implementation="turbo")
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         model()
+
+
+def test_only_all_standard_models_export_to_qwen2():
+    with pytest.raises(ValueError, match="only an all-standard model"):
+        to_qwen2(AttnLabForCausalLM(tiny_config(layers="hybrid:mlp")))
+    with pytest.raises(ValueError, match="qk_norm=True"):
+        to_qwen2(AttnLabForCausalLM(tiny_config(qk_norm=True)))
