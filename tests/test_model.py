@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from attnlab import MIXER_NAMES, AttnLabForCausalLM
-from attnlab.export import to_qwen2
+from attnlab.export import to_qwen2, to_qwen3
 from attnlab.model import default_fixed_sequence, default_shadow_noise
 
 from .conftest import tiny_config
@@ -47,30 +47,13 @@ def test_hidden_states_follow_the_transformers_convention():
 
 
 def test_qk_norm_matches_qwen3():
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "Qwen3ForCausalLM"):
-        pytest.skip("this transformers has no Qwen3")
     config = tiny_config(qk_norm=True, attention_bias=False, num_key_value_heads=2, head_dim=16)
     ours = AttnLabForCausalLM(config).eval()
     for name, parameter in ours.named_parameters():  # make the norm weights non-trivial
         if name.endswith(("q_norm.weight", "k_norm.weight")):
             parameter.data.uniform_(0.5, 1.5)
-    qwen3_config = transformers.Qwen3Config(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=16,
-        attention_bias=False,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        tie_word_embeddings=config.tie_word_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-    )
-    qwen3 = transformers.Qwen3ForCausalLM(qwen3_config).eval()
-    qwen3.load_state_dict(ours.state_dict(), strict=True)
+    qwen3 = to_qwen3(ours)  # loads the weights strictly
+    assert type(qwen3).__name__ == "Qwen3ForCausalLM" and qwen3.config.head_dim == 16
     input_ids = torch.randint(0, config.vocab_size, (2, 13))
     with torch.no_grad():
         assert torch.allclose(ours(input_ids).logits, qwen3(input_ids).logits, atol=1e-4)
@@ -218,8 +201,12 @@ def test_bad_forward_arguments_are_rejected():
         model()
 
 
-def test_only_all_standard_models_export_to_qwen2():
+def test_only_matching_models_export_to_qwen2_and_qwen3():
     with pytest.raises(ValueError, match="only an all-standard model"):
         to_qwen2(AttnLabForCausalLM(tiny_config(layers="hybrid:mlp")))
     with pytest.raises(ValueError, match="qk_norm=True"):
         to_qwen2(AttnLabForCausalLM(tiny_config(qk_norm=True)))
+    with pytest.raises(ValueError, match="with QK-norm"):
+        to_qwen3(AttnLabForCausalLM(tiny_config()))
+    with pytest.raises(ValueError, match="only an all-standard model is a Qwen3 model"):
+        to_qwen3(AttnLabForCausalLM(tiny_config(layers="uniform:nonapprox", qk_norm=True)))

@@ -1,21 +1,47 @@
-"""Export an all-standard attnlab model as plain transformers `Qwen2ForCausalLM` (same weights, same logits)."""
+"""Export an all-standard attnlab model as plain transformers Qwen2 / Qwen3 (same weights, same logits)."""
 
 from __future__ import annotations
 
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from .config import AttnLabConfig
 
 
 def qwen2_config(config: AttnLabConfig, **overrides) -> Qwen2Config:
     """The `Qwen2Config` that computes the same function as an all-standard, non-QK-norm attnlab config."""
-    if set(config.mixer_types) != {"standard"} or config.qk_norm or not config.attention_bias:
+    if config.qk_norm or not config.attention_bias:
         raise ValueError(
             "only an all-standard model with q/k/v biases and no QK-norm is a Qwen2 model; "
-            f"this one has mixers {sorted(set(config.mixer_types))}, qk_norm={config.qk_norm}, "
-            f"attention_bias={config.attention_bias}"
+            f"this one has qk_norm={config.qk_norm}, attention_bias={config.attention_bias}"
         )
-    options = dict(
+    return Qwen2Config(**{**_backbone_options(config, "Qwen2"), **overrides})
+
+
+def qwen3_config(config: AttnLabConfig, **overrides) -> Qwen3Config:
+    """The `Qwen3Config` that computes the same function as an all-standard QK-norm attnlab config."""
+    if not config.qk_norm:
+        raise ValueError("only an all-standard model with QK-norm (qk_norm=True) is a Qwen3 model")
+    options = _backbone_options(config, "Qwen3")
+    options.update(head_dim=config.head_dim_resolved, attention_bias=config.attention_bias)
+    return Qwen3Config(**{**options, **overrides})
+
+
+def to_qwen2(model, **config_overrides) -> Qwen2ForCausalLM:
+    """A `Qwen2ForCausalLM` holding this all-standard model's weights (loaded strictly)."""
+    return _load_into(Qwen2ForCausalLM(qwen2_config(model.config, **config_overrides)), model)
+
+
+def to_qwen3(model, **config_overrides) -> Qwen3ForCausalLM:
+    """A `Qwen3ForCausalLM` holding this all-standard QK-norm model's weights (loaded strictly)."""
+    return _load_into(Qwen3ForCausalLM(qwen3_config(model.config, **config_overrides)), model)
+
+
+def _backbone_options(config: AttnLabConfig, family: str) -> dict:
+    if set(config.mixer_types) != {"standard"}:
+        raise ValueError(
+            f"only an all-standard model is a {family} model; this one has mixers {sorted(set(config.mixer_types))}"
+        )
+    return dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -30,12 +56,8 @@ def qwen2_config(config: AttnLabConfig, **overrides) -> Qwen2Config:
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
     )
-    options.update(overrides)
-    return Qwen2Config(**options)
 
 
-def to_qwen2(model, **config_overrides) -> Qwen2ForCausalLM:
-    """A `Qwen2ForCausalLM` holding this all-standard model's weights (loaded strictly)."""
-    qwen = Qwen2ForCausalLM(qwen2_config(model.config, **config_overrides))
-    qwen.load_state_dict(model.state_dict(), strict=True)
-    return qwen.train(model.training)
+def _load_into(twin, model):
+    twin.load_state_dict(model.state_dict(), strict=True)
+    return twin.train(model.training)
