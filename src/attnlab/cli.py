@@ -111,6 +111,75 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _limit(text: str) -> int | float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluation import evaluate_checkpoint, resolve_tasks, results_json, write_samples
+    from .runconfig import write_text_atomic
+    from .table import markdown_table, ppl_context_table
+    from .train import pick_device
+
+    tasks = args.tasks if args.tasks is not None else ("none" if args.ppl_contexts else "offline")
+    selection = None if tasks == "none" else resolve_tasks(tasks)
+    if selection is None and not args.ppl_contexts:
+        raise ValueError("--tasks none leaves nothing to do; give tasks or --ppl-contexts")
+    if args.ppl_contexts and not args.ppl_data:
+        raise ValueError("--ppl-contexts needs --ppl-data FILE (a text file to measure perplexity on)")
+    device = str(pick_device(args.device))
+    out = Path(args.out)
+    if out.parent and not out.parent.is_dir():
+        raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+    records = []
+    for checkpoint in args.checkpoints:
+        records.append(
+            evaluate_checkpoint(
+                checkpoint, selection, limit=args.limit, batch_size=args.batch_size, device=device,
+                dtype=args.dtype, skip_nonstandard=args.skip_nonstandard, ppl_contexts=args.ppl_contexts or (),
+                ppl_data=args.ppl_data, corpus=args.corpus, log_samples=args.samples is not None,
+            )
+        )
+        write_text_atomic(out, results_json(records))  # after every checkpoint: finished work is kept
+        if args.samples:
+            write_samples(args.samples, records)
+    if args.table:
+        print(markdown_table(records) + ("\n" + ppl_context_table(records) if args.ppl_contexts else ""))
+    print(f"attnlab: results of {len(records)} checkpoint(s) are in {out}", file=sys.stderr)
+    return 0
+
+
+def command_table(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluation import load_records
+    from .runconfig import write_text_atomic
+    from .table import csv_table, markdown_table, ppl_context_table
+
+    records = [record for path in args.results for record in load_records(path)]
+    contexts = ppl_context_table(records)
+    markdown = markdown_table(records) + ("\nWord perplexity by context length:\n\n" + contexts if contexts else "")
+    print(markdown, end="")
+    if args.out:
+        prefix = Path(args.out)
+        write_text_atomic(prefix.with_suffix(".md"), markdown)
+        write_text_atomic(prefix.with_suffix(".csv"), csv_table(records))
+        print(f"attnlab: wrote {prefix.with_suffix('.md')} and {prefix.with_suffix('.csv')}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="attnlab", description="Which parts of attention matter? (Deconstructing Attention, arXiv 2510.11602)"
@@ -146,6 +215,40 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None)
     add_model_arguments(train)
     train.set_defaults(handler=command_train)
+
+    evaluate = subcommands.add_parser(
+        "eval",
+        help="evaluate checkpoints with lm-evaluation-harness (paper Table 1), and perplexity vs context",
+        description="Zero-shot evaluation of attnlab checkpoints through lm-evaluation-harness. Task lists: paper "
+        "(arc_easy, boolq, copa, piqa, sciq, rte, hellaswag, wikitext, lambada_openai; needs their datasets), "
+        "offline (lastword, cloze, heldout: built from held-out text, no network), harness task names, and "
+        "paths to task YAML files.",
+    )
+    evaluate.add_argument("checkpoints", nargs="+", metavar="CKPT", help="training output folder or checkpoint-<step>")
+    evaluate.add_argument("--tasks", help="comma-separated tasks/lists/YAML paths (default: offline; none: only ppl)")
+    evaluate.add_argument("--out", default="results.json", help="results file (default: results.json)")
+    evaluate.add_argument("--limit", type=_limit, help="examples per task (a fraction if below 1)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    evaluate.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    evaluate.add_argument(
+        "--skip-nonstandard", action="store_true", help="remove the non-standard layers (paper Table 1, skip)"
+    )
+    evaluate.add_argument("--ppl-contexts", type=_int_list, help="context lengths for perplexity, e.g. 128,256,512")
+    evaluate.add_argument("--ppl-data", help="text file for --ppl-contexts")
+    evaluate.add_argument("--corpus", default="builtin", help="corpus whose held-out text makes the offline tasks")
+    evaluate.add_argument("--samples", metavar="FILE", help="also write the harness's per-sample log (JSON lines)")
+    evaluate.add_argument("--table", action="store_true", help="print the Table 1 layout when done")
+    evaluate.set_defaults(handler=command_eval)
+
+    table = subcommands.add_parser(
+        "table",
+        help="the paper's Table 1 layout from results files",
+        description="Markdown (printed) and, with --out PREFIX, PREFIX.md and PREFIX.csv, from attnlab eval results.",
+    )
+    table.add_argument("results", nargs="+", metavar="RESULTS", help="results.json files written by attnlab eval")
+    table.add_argument("--out", metavar="PREFIX", help="write PREFIX.md and PREFIX.csv")
+    table.set_defaults(handler=command_table)
     return parser
 
 

@@ -73,21 +73,29 @@ class Devices:
         return result
 
 
-def setup_devices(requested: str) -> Devices:
-    """One process per device; under torchrun (WORLD_SIZE > 1) join the process group."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """`--device`: auto (CUDA when there is one), cpu, cuda (the local rank's GPU) or cuda:N."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError(f"--device {requested} was asked for but no CUDA device is available; use --device cpu")
-        device = torch.device("cuda", local_rank if requested == "cuda" else torch.device(requested).index)
-        torch.cuda.set_device(device)
+        try:
+            return torch.device("cuda", local_rank if requested == "cuda" else torch.device(requested).index)
+        except RuntimeError:
+            pass
     elif requested == "cpu":
-        device = torch.device("cpu")
-    else:
-        raise ValueError(f"unknown --device {requested!r}; use auto, cpu, cuda or cuda:N")
+        return torch.device("cpu")
+    raise ValueError(f"unknown --device {requested!r}; use auto, cpu, cuda or cuda:N")
+
+
+def setup_devices(requested: str) -> Devices:
+    """One process per device; under torchrun (WORLD_SIZE > 1) join the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Devices(rank=rank, world_size=world_size, device=device)

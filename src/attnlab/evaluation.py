@@ -1,0 +1,438 @@
+"""Evaluation through lm-evaluation-harness: the paper's nine tasks, offline tasks, skip mode, ppl vs context.
+
+    selection = resolve_tasks("paper")                 # or "lastword,cloze,heldout", a task YAML path, ...
+    record = evaluate_checkpoint("runs/tiny", selection, limit=100)
+    record["results"]["lastword"]["acc,none"]
+
+The model goes to the harness as an ordinary HF causal LM: `AttnLabLM` is the harness's own `HFLM` with
+one change (generation recomputes the sequence until attnlab has decoding caches), so every score is the
+harness's. A record keeps the harness's result structure (`results[task]["acc,none"]`,
+`"acc_stderr,none"`, `"word_perplexity,none"`, ...) and adds `attnlab` metadata: checkpoint, layer
+pattern, skip mode, parameter count, versions. Paper §5: zero-shot, harness defaults.
+
+Offline use: the built-in tasks (`attnlab.tasks`) need no network, and any task YAML whose data files are
+local works as well. A harness task whose dataset is neither local nor cached fails up front with one
+line naming the task, instead of the Hub client's minute of retries.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import difflib
+import json
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .tasks import BUILTIN_TASKS, TASKS_DIR
+
+# Paper §5 and Table 1: seven zero-shot NLU tasks, then WikiText and LAMBADA (OpenAI).
+PAPER_NLU_TASKS = ("arc_easy", "boolq", "copa", "piqa", "sciq", "rte", "hellaswag")
+PAPER_TASKS = (*PAPER_NLU_TASKS, "wikitext", "lambada_openai")
+TASK_LISTS = {"paper": PAPER_TASKS, "offline": BUILTIN_TASKS}
+PPL_TASK = "textfile"  # attnlab/tasks/textfile.yaml: rolling perplexity of one file
+
+
+@dataclass(frozen=True)
+class TaskSelection:
+    """What to evaluate: harness task names, and the folders whose task YAMLs the harness must index."""
+
+    names: tuple[str, ...]
+    include_paths: tuple[str, ...]
+    harness_tasks: bool  # some name is none of ours: index the harness's own (large) task folder too
+
+
+def resolve_tasks(spec: str | Sequence[str]) -> TaskSelection:
+    """Expand a task list: comma-separated names, `paper`, `offline`, built-in task names, YAML paths.
+
+    A path ending in .yaml/.yml is a harness task file: its `task:` name is evaluated, and the files beside
+    it (not the folders below: the harness indexes recursively) are indexed, so that its `!function`
+    helpers and `include:`d YAMLs resolve. Raises ValueError with one line.
+    """
+    items = [spec] if isinstance(spec, str) else list(spec)
+    parts = [part.strip() for item in items for part in item.split(",") if part.strip()]
+    if not parts:
+        raise ValueError("no tasks given; use --tasks paper, offline, a task name or a task YAML file")
+    names: list[str] = []
+    local_names = {*BUILTIN_TASKS, PPL_TASK}  # tasks that the include paths provide
+    include_paths = [str(TASKS_DIR)]
+    for part in parts:
+        if part in TASK_LISTS:
+            names.extend(TASK_LISTS[part])
+        elif part.endswith((".yaml", ".yml")):
+            path = Path(part)
+            names.append(task_name_in_yaml(path))
+            local_names.add(names[-1])
+            include_paths.append(_task_folder_for(path))
+        else:
+            names.append(part)
+    names = list(dict.fromkeys(names))  # in order, once each
+    return TaskSelection(
+        tuple(names),
+        tuple(dict.fromkeys(include_paths)),
+        harness_tasks=any(name not in local_names for name in names),
+    )
+
+
+def _task_folder_for(path: Path) -> str:
+    """A private folder of links to the task file's siblings (*.yaml, *.yml, *.py), for the harness to index.
+
+    Indexing the file's own folder would index everything below it too (a repository with a virtual
+    environment holds thousands of task YAMLs). The folder is removed when the process exits.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="attnlab-tasks-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for sibling in path.resolve().parent.iterdir():
+        if sibling.is_file() and sibling.suffix in (".yaml", ".yml", ".py"):
+            (folder / sibling.name).symlink_to(sibling)
+    return str(folder)
+
+
+class _HarnessYamlLoader(yaml.SafeLoader):
+    """Reads harness task YAMLs: `!function module.name` tags parse as plain strings."""
+
+
+_HarnessYamlLoader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+
+
+def task_name_in_yaml(path: Path) -> str:
+    """The `task:` name of a harness task YAML file; ValueError (one line) when it cannot be one."""
+    if not path.is_file():
+        raise ValueError(f"task file {path} does not exist")
+    try:
+        config = yaml.load(path.read_text(encoding="utf-8"), Loader=_HarnessYamlLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"task file {path} does not parse as YAML: {first}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("task"), str):
+        raise ValueError(f"task file {path} has no 'task: <name>' entry; it is not a harness task YAML")
+    return config["task"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path
+
+
+def find_tokenizer_folder(path: Path) -> Path:
+    """The folder holding the checkpoint's tokenizer: itself, or (for `checkpoint-<step>`) the run folder."""
+    for folder in (path, path.parent):
+        if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+            return folder
+    raise ValueError(f"no tokenizer next to checkpoint {path} (nor in {path.parent}); attnlab train saves one in --out")
+
+
+def load_checkpoint(
+    checkpoint: str | Path, device: str = "cpu", dtype: str = "float32", skip_nonstandard: bool = False
+) -> LoadedCheckpoint:
+    """An attnlab model and its tokenizer from a training output folder or one of its checkpoint folders.
+
+    `skip_nonstandard=True` is paper Table 1's "skip": the non-standard layers are removed (identity).
+    Raises ValueError with one line for a missing, incomplete or non-attnlab checkpoint.
+    """
+    import transformers
+
+    import attnlab  # noqa: F401  (registers the attnlab model type with the Auto classes)
+
+    path = Path(checkpoint)
+    config_file = path / "config.json"
+    if not path.exists():
+        raise ValueError(f"checkpoint {path} does not exist")
+    if not config_file.is_file():
+        raise ValueError(f"{path} has no config.json; give a training output folder or its checkpoint-<step> folder")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"{config_file} is not a JSON model config") from None
+    if model_type != "attnlab":
+        raise ValueError(f"{path} holds a {model_type!r} model, not an attnlab one (model_type 'attnlab')")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ValueError(f"{path} has a config but no weights (*.safetensors); the save did not finish")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(find_tokenizer_folder(path))
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, skip_nonstandard=skip_nonstandard
+    )
+    return LoadedCheckpoint(model.to(device).eval(), tokenizer, path)
+
+
+def describe_pattern(mixer_types: Sequence[str]) -> tuple[str, str]:
+    """(kind, mixer) of a layer pattern: ("standard", "standard"), ("uniform", m), ("hybrid", m) or ("mixed", ...)."""
+    others = sorted(set(mixer_types) - {"standard"})
+    if not others:
+        return "standard", "standard"
+    if len(others) == 1:
+        return ("uniform" if "standard" not in mixer_types else "hybrid"), others[0]
+    return "mixed", "+".join(others)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The harness
+
+
+def _harness_lm_class():
+    from lm_eval.models.huggingface import HFLM
+
+    class AttnLabLM(HFLM):
+        """The harness's HF causal LM over an attnlab model instance.
+
+        Scoring (loglikelihood, rolling loglikelihood) is HFLM's own. Generation passes `use_cache=False`:
+        attnlab has no decoding caches yet, so `generate` recomputes the whole sequence at every step.
+        """
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            generate = self.model.generate
+
+            def generate_without_cache(*args, **kwargs):
+                kwargs["use_cache"] = False
+                return generate(*args, **kwargs)
+
+            self.model.generate = generate_without_cache
+            try:
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            finally:
+                del self.model.generate
+
+    return AttnLabLM
+
+
+def harness_lm(loaded: LoadedCheckpoint, batch_size: int | str = 8, max_length: int | None = None):
+    """The harness LM object for a loaded checkpoint (`max_length`: context window, default the model's)."""
+    with _quiet("lm_eval.models.huggingface"):  # its warning about passing a model instance is expected
+        return _harness_lm_class()(
+            pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, max_length=max_length
+        )
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str, level: int = logging.ERROR) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Make `datasets` and `huggingface_hub` use their local caches only (fail at once, no retries)."""
+    import datasets
+    from huggingface_hub import constants
+
+    previous = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = previous
+
+
+def task_manager(selection: TaskSelection, metadata: dict | None = None):
+    """A harness TaskManager that knows the selection's tasks (the harness's own only when needed)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(
+        include_path=list(selection.include_paths), include_defaults=selection.harness_tasks, metadata=metadata
+    )
+
+
+def check_tasks(manager, selection: TaskSelection) -> None:
+    """Build every selected task once (which loads its data), so that a failure names its task.
+
+    When the Hugging Face Hub is unreachable, datasets come from the local cache only: a task whose data
+    is neither local nor cached fails at once with the reason, instead of after a minute of retries.
+    """
+    from .data.hub import hub_unreachable_reason
+
+    known = set(manager.all_tasks)
+    for name in selection.names:
+        if name not in known:
+            close = difflib.get_close_matches(name, [*known, *TASK_LISTS], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see `lm-eval ls tasks` or use a task YAML path"
+            raise ValueError(f"unknown task {name!r}{hint}")
+    unreachable = hub_unreachable_reason() if selection.harness_tasks else None
+    for name in selection.names:
+        try:
+            with _hub_offline() if unreachable else contextlib.nullcontext(), _quiet("lm_eval"):
+                manager.load([name])
+        except Exception as error:  # noqa: BLE001  (the harness and datasets raise anything here)
+            reason = _first_line(error)
+            if unreachable:
+                raise ValueError(
+                    f"task {name!r} needs data from the Hugging Face Hub, which is unreachable ({unreachable}), "
+                    f"and it is not in the local cache ({reason}); offline, use the built-in tasks "
+                    f"({', '.join(BUILTIN_TASKS)}) or a task YAML with local data files"
+                ) from None
+            raise ValueError(f"task {name!r} could not be loaded: {reason}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def run_harness(lm, manager, names: Sequence[str], limit: int | float | None, log_samples: bool = False) -> dict:
+    """`lm_eval.simple_evaluate` zero-shot on the named tasks; the harness's result dict."""
+    import lm_eval
+
+    with _quiet("lm_eval", logging.WARNING):
+        return lm_eval.simple_evaluate(
+            model=lm, tasks=list(names), task_manager=manager, limit=limit, log_samples=log_samples,
+            num_fewshot=0, bootstrap_iters=1000,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Records
+
+# Keys of the harness's result dict that a record keeps (the rest holds task configs with Python objects).
+HARNESS_KEYS = ("results", "groups", "group_subtasks", "versions", "n-shot", "higher_is_better", "n-samples")
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    selection: TaskSelection | None,
+    *,
+    limit: int | float | None = None,
+    batch_size: int | str = 8,
+    device: str = "cpu",
+    dtype: str = "float32",
+    skip_nonstandard: bool = False,
+    ppl_contexts: Sequence[int] = (),
+    ppl_data: str | Path | None = None,
+    corpus: str = "builtin",
+    log_samples: bool = False,
+) -> dict:
+    """Evaluate one checkpoint: the harness's results for `selection` plus `attnlab` metadata.
+
+    `ppl_contexts` with `ppl_data`: rolling perplexity of that text file with the context window set to
+    each length (paper Table 4), under `record["ppl_contexts"]`. `corpus` is the corpus whose held-out
+    split the built-in tasks are made from. With `log_samples`, `record["samples"]` holds the harness's
+    per-sample log (not JSON-clean; `write_samples` writes it).
+    """
+    loaded = load_checkpoint(checkpoint, device=device, dtype=dtype, skip_nonstandard=skip_nonstandard)
+    config = loaded.model.config
+    kind, mixer = describe_pattern(config.mixer_types)
+    record: dict = {}
+    if selection is not None:
+        manager = task_manager(selection, metadata={"corpus": corpus})
+        check_tasks(manager, selection)
+        output = run_harness(harness_lm(loaded, batch_size), manager, selection.names, limit, log_samples)
+        record.update({key: output[key] for key in HARNESS_KEYS if key in output})
+        if log_samples:
+            record["samples"] = output.get("samples", {})
+    if ppl_contexts:
+        if ppl_data is None:
+            raise ValueError("--ppl-contexts needs --ppl-data FILE (a text file to measure perplexity on)")
+        record["ppl_contexts"] = perplexity_by_context(loaded, ppl_data, ppl_contexts, batch_size)
+    record["attnlab"] = {
+        "checkpoint": str(checkpoint),
+        "mixer_types": list(config.mixer_types),
+        "kind": kind,
+        "mixer": mixer,
+        "skip_nonstandard": bool(skip_nonstandard),
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "tasks": list(selection.names) if selection else [],
+        "limit": limit,
+        "batch_size": batch_size,
+        "device": device,
+        "dtype": dtype,
+        "harness_version": _version("lm-eval"),
+        "attnlab_version": _version("attnlab"),
+        "torch_version": torch.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    return record
+
+
+def perplexity_by_context(loaded: LoadedCheckpoint, path: str | Path, contexts: Sequence[int], batch_size=8) -> dict:
+    """{context: {word_perplexity, byte_perplexity, bits_per_byte}}: the harness's rolling perplexity of one
+    text file with the model's window set to each context length (non-overlapping windows, as lm-eval's
+    `wikitext`). Contexts above the model's `max_position_embeddings` are refused."""
+    from .tasks import text_file_items
+
+    text_file_items(path)  # fail early, with one line, on a missing or empty file
+    limit = loaded.model.config.max_position_embeddings
+    for context in contexts:
+        if not 2 <= context <= limit:
+            raise ValueError(f"context length {context} is outside 2..{limit} (the model's max_position_embeddings)")
+    selection = TaskSelection((PPL_TASK,), (str(TASKS_DIR),), harness_tasks=False)
+    manager = task_manager(selection, metadata={"path": str(Path(path).resolve())})
+    check_tasks(manager, selection)
+    table = {}
+    for context in contexts:
+        output = run_harness(harness_lm(loaded, batch_size, max_length=context), manager, [PPL_TASK], None)
+        metrics = output["results"][PPL_TASK]
+        table[str(context)] = {
+            name: metrics[f"{name},none"] for name in ("word_perplexity", "byte_perplexity", "bits_per_byte")
+        }
+    return {"data": str(path), "by_context": table}
+
+
+def _version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """The evaluation records in a results file written by `attnlab eval` (one record or several)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"results file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"results file {path} is not JSON: {error}") from None
+    records = data.get("evaluations", [data]) if isinstance(data, dict) else None
+    if not records or not all(isinstance(r, dict) and "attnlab" in r for r in records):
+        raise ValueError(f"{path} is not an attnlab results file (written by attnlab eval)")
+    return records
+
+
+def results_json(records: Sequence[dict]) -> str:
+    """One record as the harness's structure plus `attnlab`; several as {"evaluations": [...]}."""
+    clean = [{key: value for key, value in record.items() if key != "samples"} for record in records]
+    data = clean[0] if len(clean) == 1 else {"evaluations": clean}
+    return json.dumps(data, indent=2, default=_json_value, allow_nan=True) + "\n"
+
+
+def write_samples(path: str | Path, records: Sequence[dict]) -> None:
+    """The harness's per-sample logs as JSON lines: one line per (checkpoint, task, sample)."""
+    from .runconfig import write_text_atomic
+
+    lines = []
+    for record in records:
+        for task, samples in record.get("samples", {}).items():
+            for sample in samples:
+                row = {"checkpoint": record["attnlab"]["checkpoint"], "task": task, **sample}
+                lines.append(json.dumps(row, default=_json_value))
+    write_text_atomic(Path(path), "".join(line + "\n" for line in lines))
+
+
+def _json_value(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
