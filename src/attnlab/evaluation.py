@@ -212,10 +212,20 @@ def _harness_lm_class():
 
 
 def harness_lm(loaded: LoadedCheckpoint, batch_size: int | str = 8, max_length: int | None = None):
-    """The harness LM object for a loaded checkpoint (`max_length`: context window, default the model's)."""
+    """The harness LM object for a loaded checkpoint (`max_length`: context window, default the model's).
+
+    `logits_cache=False`: with the cache on, lm-eval 0.4.13 runs requests whose context + continuation
+    tokens coincide once, and then scores a shorter continuation on the *first* positions of the longer
+    one's logits instead of the last. That is rare within a harness task, but `lastword` and `cloze`
+    are cut from the same passages and hit it, so every request gets its own forward pass here.
+    """
     with _quiet("lm_eval.models.huggingface"):  # its warning about passing a model instance is expected
         return _harness_lm_class()(
-            pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, max_length=max_length
+            pretrained=loaded.model,
+            tokenizer=loaded.tokenizer,
+            batch_size=batch_size,
+            max_length=max_length,
+            logits_cache=False,
         )
 
 
@@ -267,7 +277,8 @@ def check_tasks(manager, selection: TaskSelection) -> None:
             close = difflib.get_close_matches(name, [*known, *TASK_LISTS], n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see `lm-eval ls tasks` or use a task YAML path"
             raise ValueError(f"unknown task {name!r}{hint}")
-    unreachable = hub_unreachable_reason() if selection.harness_tasks else None
+    needs_probe = any(name not in (*BUILTIN_TASKS, PPL_TASK) for name in selection.names)
+    unreachable = hub_unreachable_reason() if needs_probe else None
     for name in selection.names:
         try:
             with _hub_offline() if unreachable else contextlib.nullcontext(), _quiet("lm_eval"):

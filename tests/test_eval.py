@@ -1,0 +1,305 @@
+"""`attnlab eval` end to end through lm-evaluation-harness on a tiny trained checkpoint: offline tasks, a
+local multiple-choice task YAML, per-sample log-likelihoods against the model's own logits, skip mode,
+perplexity by context length, results files, the Table 1 layout, and every bad-input path."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnlab.cli import main
+from attnlab.evaluation import (
+    PAPER_TASKS,
+    describe_pattern,
+    evaluate_checkpoint,
+    load_records,
+    resolve_tasks,
+)
+from attnlab.tasks import BUILTIN_TASKS
+
+TINY_HYBRID = [
+    "--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "2", "--num-attention-heads", "2",
+    "--layers", "standard,approximate",
+]
+
+# A small multiple-choice task with its data in a local JSONL file, as a user writes one to evaluate offline.
+LOCAL_TASK_YAML = """\
+task: local_colours
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+LOCAL_TASK_DOCS = [
+    {"question": "What colour is the sky on a clear day?", "choices": ["blue", "green", "red"], "label": 0},
+    {"question": "What colour is grass?", "choices": ["purple", "green", "black"], "label": 1},
+    {"question": "Which value does the function return?", "choices": ["None", "a list", "the string"], "label": 0},
+    {"question": "What does the statement raise?", "choices": ["an exception", "a number", "a class"], "label": 0},
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny hybrid (standard, approximate) model trained for 12 steps on CPython's documentation."""
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("eval")
+    corpus = root / "topics.jsonl"
+    corpus.write_text("".join(json.dumps({"text": topics[name]}) + "\n" for name in sorted(topics)[:60]))
+    out = root / "run"
+    status = main([
+        "train", "--preset", "cpu-tiny", *TINY_HYBRID, "--data", str(corpus), "--tokenizer", "bpe:320",
+        "--out", str(out), "--seq-len", "64", "--batch-size", "4", "--global-batch-size", "4", "--max-steps", "12",
+        "--warmup-steps", "2", "--save-every", "6", "--eval-every", "12", "--eval-sequences", "2", "--no-tensorboard",
+    ])
+    assert status == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_task(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("local_task")
+    data = folder / "colours.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in LOCAL_TASK_DOCS))
+    path = folder / "local_colours.yaml"
+    path.write_text(LOCAL_TASK_YAML.format(data=data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def record(checkpoint, local_task) -> dict:
+    selection = resolve_tasks(["lastword,cloze", "heldout", str(local_task)])
+    return evaluate_checkpoint(checkpoint, selection, limit=12, batch_size=4, log_samples=True)
+
+
+# ------------------------------------------------------------------------------------------------ tasks lists
+
+
+def test_task_lists_expand_in_order_without_repeats(local_task):
+    assert resolve_tasks("paper").names == PAPER_TASKS
+    assert resolve_tasks("offline").names == BUILTIN_TASKS
+    selection = resolve_tasks(["cloze,lastword", "cloze", str(local_task)])
+    assert selection.names == ("cloze", "lastword", "local_colours")
+    assert not selection.harness_tasks  # all ours or from files: the harness's own index is not needed
+    assert resolve_tasks("cloze,arc_easy").harness_tasks
+
+
+def test_a_task_file_is_indexed_through_links_to_its_siblings_only(local_task):
+    folder = Path(resolve_tasks(str(local_task)).include_paths[-1])
+    assert folder != local_task.parent
+    assert sorted(p.name for p in folder.iterdir()) == ["local_colours.yaml"]  # not the data file
+    assert (folder / "local_colours.yaml").resolve() == local_task.resolve()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "no tasks given"),
+        ("missing.yaml", "does not exist"),
+        ("bad.yaml", "does not parse as YAML"),
+        ("notask.yaml", "has no 'task: <name>' entry"),
+    ],
+)
+def test_bad_task_specs_give_one_line(tmp_path, monkeypatch, spec, message):
+    monkeypatch.chdir(tmp_path)
+    Path("bad.yaml").write_text("task: [unclosed\n")
+    Path("notask.yaml").write_text("output_type: multiple_choice\n")
+    with pytest.raises(ValueError, match=message) as error:
+        resolve_tasks(spec)
+    assert "\n" not in str(error.value)
+
+
+def test_pattern_kinds():
+    assert describe_pattern(["standard"] * 3) == ("standard", "standard")
+    assert describe_pattern(["mlp"] * 3) == ("uniform", "mlp")
+    assert describe_pattern(["standard", "nonapprox", "standard"]) == ("hybrid", "nonapprox")
+    assert describe_pattern(["mlp", "standard", "approximate"]) == ("mixed", "approximate+mlp")
+
+
+# ------------------------------------------------------------------------------------- the harness end to end
+
+
+def test_results_keep_the_harness_structure_with_sane_values(record, checkpoint):
+    results = record["results"]
+    assert set(results) == {"lastword", "cloze", "heldout", "local_colours"}
+    for task, metric in [("lastword", "acc"), ("cloze", "acc"), ("cloze", "acc_norm"), ("local_colours", "acc")]:
+        assert 0.0 <= results[task][f"{metric},none"] <= 1.0
+        assert results[task][f"{metric}_stderr,none"] >= 0.0
+    assert math.isfinite(results["lastword"]["perplexity,none"]) and results["lastword"]["perplexity,none"] > 1
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert math.isfinite(results["heldout"][f"{metric},none"]) and results["heldout"][f"{metric},none"] > 0
+    assert record["n-samples"]["lastword"]["effective"] == 12
+    assert record["n-samples"]["local_colours"]["effective"] == len(LOCAL_TASK_DOCS)
+    meta = record["attnlab"]
+    assert meta["mixer_types"] == ["standard", "approximate"]
+    assert (meta["kind"], meta["mixer"], meta["skip_nonstandard"]) == ("hybrid", "approximate", False)
+    assert meta["checkpoint"] == str(checkpoint)
+    assert meta["parameters"] > 0 and meta["harness_version"]
+
+
+def _direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
+    """log p(continuation | context) from the model's logits, tokenized as the harness does it:
+    trailing spaces of the context move to the continuation, the pair is encoded whole, the continuation
+    is what follows the context's own encoding, and the input keeps the last max_position_embeddings tokens."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    continuation_ids = whole[len(context_ids):]
+    window = model.config.max_position_embeddings
+    ids = torch.tensor([(context_ids + continuation_ids)[-(window + 1):][:-1]])
+    with torch.no_grad():
+        log_probs = model(ids).logits.double().log_softmax(-1)[0, -len(continuation_ids):]
+    targets = torch.tensor(continuation_ids)
+    total = log_probs.gather(1, targets[:, None]).sum().item()
+    greedy = bool((log_probs.argmax(-1) == targets).all())
+    return total, greedy
+
+
+def test_harness_loglikelihoods_equal_the_models_own(record, checkpoint):
+    from attnlab.evaluation import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    compared = 0
+    for task in ("lastword", "local_colours", "cloze"):
+        for sample in record["samples"][task][:3]:
+            for (context, continuation), response in zip(sample["arguments"], sample["resps"]):
+                harness_value, harness_greedy = response[0]
+                value, greedy = _direct_loglikelihood(loaded.model, loaded.tokenizer, context, continuation)
+                assert harness_value == pytest.approx(value, abs=1e-4, rel=1e-5)
+                assert harness_greedy == greedy
+                compared += 1
+    assert compared >= 3 + 3 * 3 + 3 * 4
+
+
+def test_offline_task_documents_come_from_held_out_text(record):
+    from attnlab.tasks import cloze_items, heldout_documents, lastword_items
+
+    documents = list(heldout_documents())
+    lastword = lastword_items(documents)
+    for sample in record["samples"]["lastword"]:
+        doc = lastword[sample["doc_id"]]
+        assert sample["arguments"][0] == (doc["context"], " " + doc["target"])
+    cloze = cloze_items(documents)
+    for sample in record["samples"]["cloze"]:
+        doc = cloze[sample["doc_id"]]
+        assert [pair[1] for pair in sample["arguments"]] == [" " + ending for ending in doc["endings"]]
+        assert sample["target"] == doc["label"]
+
+
+def test_skip_mode_removes_the_nonstandard_layers(checkpoint, record):
+    from transformers import AutoModelForCausalLM
+
+    from attnlab.evaluation import load_checkpoint
+
+    skipped = evaluate_checkpoint(checkpoint, resolve_tasks("lastword"), limit=12, batch_size=4, skip_nonstandard=True)
+    assert skipped["attnlab"]["skip_nonstandard"] is True
+    assert skipped["results"]["lastword"]["perplexity,none"] != record["results"]["lastword"]["perplexity,none"]
+    # The layers are (standard, approximate): skipping the second leaves the model's first layer alone.
+    model = load_checkpoint(checkpoint, skip_nonstandard=True).model
+    first_layer_only = AutoModelForCausalLM.from_pretrained(checkpoint, num_hidden_layers=1, mixer_types=["standard"])
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, first_layer_only(ids).logits, rtol=0, atol=1e-6)
+        assert not torch.allclose(model(ids).logits, load_checkpoint(checkpoint).model(ids).logits)
+
+
+def test_perplexity_by_context_length(checkpoint, tmp_path):
+    from pydoc_data.topics import topics
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(topics[name] for name in sorted(topics)[-6:]))
+    record = evaluate_checkpoint(checkpoint, None, ppl_contexts=[16, 32, 64], ppl_data=text, batch_size=4)
+    table = record["ppl_contexts"]["by_context"]
+    assert list(table) == ["16", "32", "64"]
+    for values in table.values():
+        assert math.isfinite(values["word_perplexity"]) and values["word_perplexity"] > 1
+        assert values["bits_per_byte"] == pytest.approx(math.log2(values["byte_perplexity"]), rel=1e-9)
+    with pytest.raises(ValueError, match="outside 2..256"):
+        evaluate_checkpoint(checkpoint, None, ppl_contexts=[512], ppl_data=text)
+
+
+# ----------------------------------------------------------------------------------------------- the command
+
+
+def test_eval_and_table_commands_write_results_and_tables(checkpoint, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    samples = tmp_path / "samples.jsonl"
+    assert main(["eval", str(checkpoint), "--tasks", "lastword", "--limit", "5", "--batch-size", "4",
+                 "--out", str(out), "--samples", str(samples)]) == 0
+    assert main(["eval", str(checkpoint), str(checkpoint / "checkpoint-6"), "--tasks", "cloze", "--limit", "4",
+                 "--skip-nonstandard", "--device", "cpu", "--out", str(tmp_path / "skip.json")]) == 0
+    single = json.loads(out.read_text())
+    assert single["results"]["lastword"]["acc,none"] == load_records(out)[0]["results"]["lastword"]["acc,none"]
+    assert len([json.loads(line) for line in samples.read_text().splitlines()]) == 5
+    assert [r["attnlab"]["checkpoint"] for r in load_records(tmp_path / "skip.json")] == [
+        str(checkpoint), str(checkpoint / "checkpoint-6")
+    ]
+    capsys.readouterr()
+    assert main(["table", str(out), str(tmp_path / "skip.json"), "--out", str(tmp_path / "table1")]) == 0
+    markdown = capsys.readouterr().out
+    assert (tmp_path / "table1.md").read_text() == markdown
+    lines = markdown.splitlines()
+    assert lines[0] == "| group | model | lastword acc | lastword ppl | cloze acc | cloze acc_norm |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| reference", "| hybrid", "| skip", "| skip"]
+    assert "approximate (run)" in markdown and "approximate (checkpoint-6)" in markdown
+    csv_lines = (tmp_path / "table1.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("group,model,checkpoint,parameters,mixer_types,lastword acc,lastword acc stderr")
+    assert len(csv_lines) == 1 + 2 + 3
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("attnlab: error: ") and "\n" not in error, error
+    return error
+
+
+def test_bad_checkpoints_give_one_line(tmp_path, capsys):
+    assert "does not exist" in _one_line_error(capsys, ["eval", str(tmp_path / "nowhere"), "--tasks", "cloze"])
+    (tmp_path / "empty").mkdir()
+    assert "has no config.json" in _one_line_error(capsys, ["eval", str(tmp_path / "empty")])
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    assert "holds a 'qwen2' model, not an attnlab one" in _one_line_error(capsys, ["eval", str(foreign)])
+
+
+def test_bad_tasks_give_one_line(checkpoint, tmp_path, capsys):
+    error = _one_line_error(capsys, ["eval", str(checkpoint), "--tasks", "clozee", "--out", str(tmp_path / "r.json")])
+    assert "unknown task 'clozee'; did you mean cloze" in error
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("task: broken\ndoc_to_text: [\n")
+    assert "does not parse as YAML" in _one_line_error(capsys, ["eval", str(checkpoint), "--tasks", str(broken)])
+    assert not (tmp_path / "r.json").exists()  # nothing half-written
+
+
+def test_a_task_that_needs_the_network_says_so(checkpoint, tmp_path, capsys):
+    hub_task = tmp_path / "hub_task.yaml"
+    hub_task.write_text(
+        "task: hub_task\ndataset_path: attnlab-tests/no-such-dataset\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n"
+    )
+    error = _one_line_error(capsys, ["eval", str(checkpoint), "--tasks", str(hub_task)])
+    assert "task 'hub_task'" in error
+    assert "Hugging Face Hub, which is unreachable" in error or "could not be loaded" in error
+
+
+def test_ppl_contexts_need_data(checkpoint, capsys):
+    assert "needs --ppl-data" in _one_line_error(capsys, ["eval", str(checkpoint), "--ppl-contexts", "16,32"])
