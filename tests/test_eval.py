@@ -303,3 +303,24 @@ def test_a_task_that_needs_the_network_says_so(checkpoint, tmp_path, capsys):
 
 def test_ppl_contexts_need_data(checkpoint, capsys):
     assert "needs --ppl-data" in _one_line_error(capsys, ["eval", str(checkpoint), "--ppl-contexts", "16,32"])
+
+
+def test_generation_tasks_decode_greedily_without_a_cache(checkpoint, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in ["The function", "A class is"]))
+    task = tmp_path / "gen.yaml"
+    task.write_text(
+        f"task: tiny_generation\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "output_type: generate_until\ntest_split: test\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['<never>']\n  max_gen_toks: 6\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    record = evaluate_checkpoint(checkpoint, resolve_tasks(str(task)), batch_size=2, log_samples=True)
+    from attnlab.evaluation import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    for sample in record["samples"]["tiny_generation"]:
+        prompt = sample["doc"]["prompt"]
+        ids = loaded.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        expected = loaded.model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert sample["resps"][0][0] == loaded.tokenizer.decode(expected[0, ids.shape[1]:])

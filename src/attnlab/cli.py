@@ -134,7 +134,7 @@ def command_eval(args: argparse.Namespace) -> int:
     from .train import pick_device
 
     tasks = args.tasks if args.tasks is not None else ("none" if args.ppl_contexts else "offline")
-    selection = None if tasks == "none" else resolve_tasks(tasks)
+    selection = None if tasks == "none" else resolve_tasks(tasks, eval_data=args.eval_data)
     if selection is None and not args.ppl_contexts:
         raise ValueError("--tasks none leaves nothing to do; give tasks or --ppl-contexts")
     if args.ppl_contexts and not args.ppl_data:
@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoints", nargs="+", metavar="CKPT", help="training output folder or checkpoint-<step>")
     evaluate.add_argument("--tasks", help="comma-separated tasks/lists/YAML paths (default: offline; none: only ppl)")
     evaluate.add_argument("--out", default="results.json", help="results file (default: results.json)")
+    evaluate.add_argument(
+        "--eval-data", metavar="DIR", help="read the paper's nine tasks from local copies of their datasets in DIR"
+    )
     evaluate.add_argument("--limit", type=_limit, help="examples per task (a fraction if below 1)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

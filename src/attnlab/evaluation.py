@@ -49,10 +49,14 @@ class TaskSelection:
     names: tuple[str, ...]
     include_paths: tuple[str, ...]
     harness_tasks: bool  # some name is none of ours: index the harness's own (large) task folder too
+    eval_data: str | None = None  # local copies of the paper's datasets (attnlab.paper_tasks)
 
 
-def resolve_tasks(spec: str | Sequence[str]) -> TaskSelection:
+def resolve_tasks(spec: str | Sequence[str], eval_data: str | Path | None = None) -> TaskSelection:
     """Expand a task list: comma-separated names, `paper`, `offline`, built-in task names, YAML paths.
+
+    With `eval_data` (a folder of local copies of the paper's datasets, see `attnlab.paper_tasks`), the
+    paper's nine tasks are read from there instead of the Hub, under the same names, prompts and metrics.
 
     A path ending in .yaml/.yml is a harness task file: its `task:` name is evaluated, and the files beside
     it (not the folders below: the harness indexes recursively) are indexed, so that its `!function`
@@ -76,10 +80,18 @@ def resolve_tasks(spec: str | Sequence[str]) -> TaskSelection:
         else:
             names.append(part)
     names = list(dict.fromkeys(names))  # in order, once each
+    if eval_data is not None:
+        from .paper_tasks import LOCAL_FILES, PAPER_TASKS_DIR, check_eval_data
+
+        check_eval_data(eval_data, [name for name in names if name in LOCAL_FILES])
+        include_paths.append(str(PAPER_TASKS_DIR))
+        local_names.update(LOCAL_FILES)
+        eval_data = str(Path(eval_data).resolve())
     return TaskSelection(
         tuple(names),
         tuple(dict.fromkeys(include_paths)),
         harness_tasks=any(name not in local_names for name in names),
+        eval_data=eval_data,
     )
 
 
@@ -277,7 +289,7 @@ def check_tasks(manager, selection: TaskSelection) -> None:
             close = difflib.get_close_matches(name, [*known, *TASK_LISTS], n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see `lm-eval ls tasks` or use a task YAML path"
             raise ValueError(f"unknown task {name!r}{hint}")
-    needs_probe = any(name not in (*BUILTIN_TASKS, PPL_TASK) for name in selection.names)
+    needs_probe = selection.harness_tasks or any(not _is_ours(name, selection) for name in selection.names)
     unreachable = hub_unreachable_reason() if needs_probe else None
     for name in selection.names:
         try:
@@ -292,6 +304,13 @@ def check_tasks(manager, selection: TaskSelection) -> None:
                     f"({', '.join(BUILTIN_TASKS)}) or a task YAML with local data files"
                 ) from None
             raise ValueError(f"task {name!r} could not be loaded: {reason}") from None
+
+
+def _is_ours(name: str, selection: TaskSelection) -> bool:
+    """A task whose data attnlab makes or reads locally (built-in tasks; paper tasks with --eval-data)."""
+    from .paper_tasks import LOCAL_FILES
+
+    return name in (*BUILTIN_TASKS, PPL_TASK) or (selection.eval_data is not None and name in LOCAL_FILES)
 
 
 def _first_line(error: BaseException) -> str:
@@ -343,7 +362,7 @@ def evaluate_checkpoint(
     kind, mixer = describe_pattern(config.mixer_types)
     record: dict = {}
     if selection is not None:
-        manager = task_manager(selection, metadata={"corpus": corpus})
+        manager = task_manager(selection, metadata={"corpus": corpus, "eval_data": selection.eval_data})
         check_tasks(manager, selection)
         output = run_harness(harness_lm(loaded, batch_size), manager, selection.names, limit, log_samples)
         record.update({key: output[key] for key in HARNESS_KEYS if key in output})
@@ -361,6 +380,7 @@ def evaluate_checkpoint(
         "skip_nonstandard": bool(skip_nonstandard),
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "tasks": list(selection.names) if selection else [],
+        "eval_data": selection.eval_data if selection else None,
         "limit": limit,
         "batch_size": batch_size,
         "device": device,
