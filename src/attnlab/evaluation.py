@@ -322,7 +322,7 @@ def run_harness(lm, manager, names: Sequence[str], limit: int | float | None, lo
     """`lm_eval.simple_evaluate` zero-shot on the named tasks; the harness's result dict."""
     import lm_eval
 
-    with _quiet("lm_eval", logging.WARNING):
+    with _quiet("lm_eval"):  # progress bars stay; per-request truncation and config notices go
         return lm_eval.simple_evaluate(
             model=lm, tasks=list(names), task_manager=manager, limit=limit, log_samples=log_samples,
             num_fewshot=0, bootstrap_iters=1000,
