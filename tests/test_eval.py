@@ -64,7 +64,7 @@ def checkpoint(tmp_path_factory) -> Path:
     out = root / "run"
     status = main([
         "train", "--preset", "cpu-tiny", *TINY_HYBRID, "--data", str(corpus), "--tokenizer", "bpe:320",
-        "--out", str(out), "--seq-len", "64", "--batch-size", "4", "--global-batch-size", "4", "--max-steps", "12",
+        "--out", str(out), "--seq-len", "128", "--batch-size", "4", "--global-batch-size", "4", "--max-steps", "12",
         "--warmup-steps", "2", "--save-every", "6", "--eval-every", "12", "--eval-sequences", "2", "--no-tensorboard",
     ])
     assert status == 0
@@ -150,19 +150,20 @@ def test_results_keep_the_harness_structure_with_sane_values(record, checkpoint)
     assert (meta["kind"], meta["mixer"], meta["skip_nonstandard"]) == ("hybrid", "approximate", False)
     assert meta["checkpoint"] == str(checkpoint)
     assert meta["parameters"] > 0 and meta["harness_version"]
+    assert (meta["trained_seq_len"], meta["max_length"]) == (128, 128)  # not max_position_embeddings (256)
 
 
 def _direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
     """log p(continuation | context) from the model's logits, tokenized as the harness does it:
     trailing spaces of the context move to the continuation, the pair is encoded whole, the continuation
-    is what follows the context's own encoding, and the input keeps the last max_position_embeddings tokens."""
+    is what follows the context's own encoding, and the input keeps the last 128 tokens."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
     continuation_ids = whole[len(context_ids):]
-    window = model.config.max_position_embeddings
+    window = 128  # the training --seq-len: the harness's window (LoadedCheckpoint.context_length)
     ids = torch.tensor([(context_ids + continuation_ids)[-(window + 1):][:-1]])
     with torch.no_grad():
         log_probs = model(ids).logits.double().log_softmax(-1)[0, -len(continuation_ids):]
@@ -233,6 +234,10 @@ def test_perplexity_by_context_length(checkpoint, tmp_path):
         assert values["bits_per_byte"] == pytest.approx(math.log2(values["byte_perplexity"]), rel=1e-9)
     with pytest.raises(ValueError, match="outside 2..256"):
         evaluate_checkpoint(checkpoint, None, ppl_contexts=[512], ppl_data=text)
+    heldout = evaluate_checkpoint(checkpoint, None, ppl_contexts=[64], ppl_data="heldout", batch_size=32)
+    assert math.isfinite(heldout["ppl_contexts"]["by_context"]["64"]["word_perplexity"])
+    with pytest.raises(ValueError, match="--max-length 300 is outside 2..256"):
+        evaluate_checkpoint(checkpoint, resolve_tasks("cloze"), max_length=300)
 
 
 # ----------------------------------------------------------------------------------------------- the command

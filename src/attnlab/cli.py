@@ -125,6 +125,14 @@ def _limit(text: str) -> int | float:
     return int(value) if value >= 1 and value.is_integer() else value
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto" or text.startswith("auto:"):
+        return text  # the harness finds the largest batch that fits
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}")
+    return int(text)
+
+
 def command_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -149,7 +157,8 @@ def command_eval(args: argparse.Namespace) -> int:
             evaluate_checkpoint(
                 checkpoint, selection, limit=args.limit, batch_size=args.batch_size, device=device,
                 dtype=args.dtype, skip_nonstandard=args.skip_nonstandard, ppl_contexts=args.ppl_contexts or (),
-                ppl_data=args.ppl_data, corpus=args.corpus, log_samples=args.samples is not None,
+                ppl_data=args.ppl_data, corpus=args.corpus, max_length=args.max_length,
+                log_samples=args.samples is not None,
             )
         )
         write_text_atomic(out, results_json(records))  # after every checkpoint: finished work is kept
@@ -177,6 +186,26 @@ def command_table(args: argparse.Namespace) -> int:
         write_text_atomic(prefix.with_suffix(".md"), markdown)
         write_text_atomic(prefix.with_suffix(".csv"), csv_table(records))
         print(f"attnlab: wrote {prefix.with_suffix('.md')} and {prefix.with_suffix('.csv')}", file=sys.stderr)
+    return 0
+
+
+def command_analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze_models
+    from .train import pick_device
+
+    summary = analyze_models(
+        args.checkpoints,
+        args.out,
+        data=args.data,
+        num_seqs=args.num_seqs,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        device=str(pick_device(args.device)),
+        metrics_files=args.metrics,
+        heatmap_model=args.heatmap_model,
+    )
+    print(f"attnlab: indicators in {summary['indicators_path']}; {len(summary['figures'])} figure files in {args.out}",
+          file=sys.stderr)
     return 0
 
 
@@ -231,14 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-data", metavar="DIR", help="read the paper's nine tasks from local copies of their datasets in DIR"
     )
     evaluate.add_argument("--limit", type=_limit, help="examples per task (a fraction if below 1)")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument(
+        "--max-length", type=int, help="context window in tokens (default: the training --seq-len, when known)"
+    )
+    evaluate.add_argument("--batch-size", type=_batch_size, default=8, help="sequences per forward, or auto (GPU)")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     evaluate.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     evaluate.add_argument(
         "--skip-nonstandard", action="store_true", help="remove the non-standard layers (paper Table 1, skip)"
     )
     evaluate.add_argument("--ppl-contexts", type=_int_list, help="context lengths for perplexity, e.g. 128,256,512")
-    evaluate.add_argument("--ppl-data", help="text file for --ppl-contexts")
+    evaluate.add_argument("--ppl-data", help="text file for --ppl-contexts, or heldout (the --corpus held-out text)")
     evaluate.add_argument("--corpus", default="builtin", help="corpus whose held-out text makes the offline tasks")
     evaluate.add_argument("--samples", metavar="FILE", help="also write the harness's per-sample log (JSON lines)")
     evaluate.add_argument("--table", action="store_true", help="print the Table 1 layout when done")
@@ -252,6 +284,27 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("results", nargs="+", metavar="RESULTS", help="results.json files written by attnlab eval")
     table.add_argument("--out", metavar="PREFIX", help="write PREFIX.md and PREFIX.csv")
     table.set_defaults(handler=command_table)
+
+    analyze = subcommands.add_parser(
+        "analyze",
+        help="attention indicators, pre-softmax activations and figures (paper §4.4, Figs. 1, 2, 5)",
+        description="Run checkpoints on held-out text; write OUT/indicators.json (entropy, concentration, head "
+        "diversity, sink, local focus 0-3 and pre-softmax activation statistics per layer) and the figures: radar "
+        "plots, activation distributions, loss curves, mean attention maps.",
+    )
+    analyze.add_argument("checkpoints", nargs="+", metavar="CKPT", help="training output folder or checkpoint-<step>")
+    analyze.add_argument("--out", required=True, help="output folder")
+    analyze.add_argument("--data", default="builtin", help="corpus whose held-out text the models read (--data of train)")
+    analyze.add_argument("--num-seqs", type=int, default=16, help="held-out sequences")
+    analyze.add_argument("--seq-len", type=int, help="tokens per sequence (default: the models' context length)")
+    analyze.add_argument("--batch-size", type=int, default=4)
+    analyze.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    analyze.add_argument(
+        "--metrics", nargs="*", metavar="RUN", help="runs (or metrics.jsonl files) for the loss curves (default: "
+        "the checkpoints' own runs; give none to skip)"
+    )
+    analyze.add_argument("--heatmap-model", type=int, default=0, help="index of the model whose mean maps are drawn")
+    analyze.set_defaults(handler=command_analyze)
     return parser
 
 

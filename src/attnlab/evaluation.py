@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import datetime
 import difflib
+import functools
 import json
 import logging
 import math
@@ -139,6 +140,27 @@ class LoadedCheckpoint:
     model: torch.nn.Module
     tokenizer: object
     path: Path
+    trained_seq_len: int | None  # the run's --seq-len, from run_config.yaml beside the checkpoint
+
+    @property
+    def context_length(self) -> int:
+        """The harness's window: the length the model was trained on (positions beyond it were never
+        seen), else its max_position_embeddings."""
+        limit = self.model.config.max_position_embeddings
+        return min(self.trained_seq_len, limit) if self.trained_seq_len else limit
+
+
+def trained_seq_len(path: Path) -> int | None:
+    """`train.seq_len` of the run that wrote the checkpoint (OUT/run_config.yaml), or None if unknown."""
+    for folder in (path, path.parent):
+        run_config = folder / "run_config.yaml"
+        if run_config.is_file():
+            try:
+                value = (yaml.safe_load(run_config.read_text()) or {}).get("train", {}).get("seq_len")
+            except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
+                return None
+            return value if isinstance(value, int) and value > 0 else None
+    return None
 
 
 def find_tokenizer_folder(path: Path) -> Path:
@@ -180,7 +202,7 @@ def load_checkpoint(
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype, skip_nonstandard=skip_nonstandard
     )
-    return LoadedCheckpoint(model.to(device).eval(), tokenizer, path)
+    return LoadedCheckpoint(model.to(device).eval(), tokenizer, path, trained_seq_len(path))
 
 
 def describe_pattern(mixer_types: Sequence[str]) -> tuple[str, str]:
@@ -224,7 +246,8 @@ def _harness_lm_class():
 
 
 def harness_lm(loaded: LoadedCheckpoint, batch_size: int | str = 8, max_length: int | None = None):
-    """The harness LM object for a loaded checkpoint (`max_length`: context window, default the model's).
+    """The harness LM object for a loaded checkpoint (`max_length`: context window, default
+    `loaded.context_length`; longer inputs lose their left end, as the harness does it).
 
     `logits_cache=False`: with the cache on, lm-eval 0.4.13 runs requests whose context + continuation
     tokens coincide once, and then scores a shorter continuation on the *first* positions of the longer
@@ -236,7 +259,7 @@ def harness_lm(loaded: LoadedCheckpoint, batch_size: int | str = 8, max_length: 
             pretrained=loaded.model,
             tokenizer=loaded.tokenizer,
             batch_size=batch_size,
-            max_length=max_length,
+            max_length=max_length or loaded.context_length,
             logits_cache=False,
         )
 
@@ -266,13 +289,17 @@ def _hub_offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = previous
 
 
-def task_manager(selection: TaskSelection, metadata: dict | None = None):
-    """A harness TaskManager that knows the selection's tasks (the harness's own only when needed)."""
+@functools.lru_cache(maxsize=4)
+def checked_task_manager(selection: TaskSelection, **metadata):
+    """A harness TaskManager that knows the selection's tasks (the harness's own only when needed), with
+    every task checked by `check_tasks`. Cached: several checkpoints share one (indexing takes seconds)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(
+    manager = TaskManager(
         include_path=list(selection.include_paths), include_defaults=selection.harness_tasks, metadata=metadata
     )
+    check_tasks(manager, selection)
+    return manager
 
 
 def check_tasks(manager, selection: TaskSelection) -> None:
@@ -300,8 +327,8 @@ def check_tasks(manager, selection: TaskSelection) -> None:
             if unreachable:
                 raise ValueError(
                     f"task {name!r} needs data from the Hugging Face Hub, which is unreachable ({unreachable}), "
-                    f"and it is not in the local cache ({reason}); offline, use the built-in tasks "
-                    f"({', '.join(BUILTIN_TASKS)}) or a task YAML with local data files"
+                    f"and it is not in the local cache ({reason}); offline, use --eval-data DIR for the paper's "
+                    f"tasks, the built-in tasks ({', '.join(BUILTIN_TASKS)}) or a task YAML with local data files"
                 ) from None
             raise ValueError(f"task {name!r} could not be loaded: {reason}") from None
 
@@ -348,30 +375,35 @@ def evaluate_checkpoint(
     ppl_contexts: Sequence[int] = (),
     ppl_data: str | Path | None = None,
     corpus: str = "builtin",
+    max_length: int | None = None,
     log_samples: bool = False,
 ) -> dict:
     """Evaluate one checkpoint: the harness's results for `selection` plus `attnlab` metadata.
 
     `ppl_contexts` with `ppl_data`: rolling perplexity of that text file with the context window set to
     each length (paper Table 4), under `record["ppl_contexts"]`. `corpus` is the corpus whose held-out
-    split the built-in tasks are made from. With `log_samples`, `record["samples"]` holds the harness's
+    split the built-in tasks are made from. `max_length` is the harness's context window (default: the
+    length the model was trained on, see `LoadedCheckpoint.context_length`). With `log_samples`, `record["samples"]` holds the harness's
     per-sample log (not JSON-clean; `write_samples` writes it).
     """
+    if ppl_contexts and ppl_data is None:
+        raise ValueError("--ppl-contexts needs --ppl-data FILE (a text file to measure perplexity on)")
+    # Tasks first: a task that cannot load fails before any model is read.
+    manager = checked_task_manager(selection, corpus=corpus, eval_data=selection.eval_data) if selection else None
     loaded = load_checkpoint(checkpoint, device=device, dtype=dtype, skip_nonstandard=skip_nonstandard)
     config = loaded.model.config
+    if max_length is not None and not 2 <= max_length <= config.max_position_embeddings:
+        raise ValueError(f"--max-length {max_length} is outside 2..{config.max_position_embeddings} "
+                         "(the model's max_position_embeddings)")
     kind, mixer = describe_pattern(config.mixer_types)
     record: dict = {}
     if selection is not None:
-        manager = task_manager(selection, metadata={"corpus": corpus, "eval_data": selection.eval_data})
-        check_tasks(manager, selection)
-        output = run_harness(harness_lm(loaded, batch_size), manager, selection.names, limit, log_samples)
+        output = run_harness(harness_lm(loaded, batch_size, max_length), manager, selection.names, limit, log_samples)
         record.update({key: output[key] for key in HARNESS_KEYS if key in output})
         if log_samples:
             record["samples"] = output.get("samples", {})
     if ppl_contexts:
-        if ppl_data is None:
-            raise ValueError("--ppl-contexts needs --ppl-data FILE (a text file to measure perplexity on)")
-        record["ppl_contexts"] = perplexity_by_context(loaded, ppl_data, ppl_contexts, batch_size)
+        record["ppl_contexts"] = perplexity_by_context(loaded, ppl_data, ppl_contexts, batch_size, corpus)
     record["attnlab"] = {
         "checkpoint": str(checkpoint),
         "mixer_types": list(config.mixer_types),
@@ -379,6 +411,8 @@ def evaluate_checkpoint(
         "mixer": mixer,
         "skip_nonstandard": bool(skip_nonstandard),
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "max_length": max_length or loaded.context_length,
+        "trained_seq_len": loaded.trained_seq_len,
         "tasks": list(selection.names) if selection else [],
         "eval_data": selection.eval_data if selection else None,
         "limit": limit,
@@ -393,24 +427,30 @@ def evaluate_checkpoint(
     return record
 
 
-def perplexity_by_context(loaded: LoadedCheckpoint, path: str | Path, contexts: Sequence[int], batch_size=8) -> dict:
-    """{context: {word_perplexity, byte_perplexity, bits_per_byte}}: the harness's rolling perplexity of one
-    text file with the model's window set to each context length (non-overlapping windows, as lm-eval's
-    `wikitext`). Contexts above the model's `max_position_embeddings` are refused."""
+def perplexity_by_context(
+    loaded: LoadedCheckpoint, path: str | Path, contexts: Sequence[int], batch_size=8, corpus: str = "builtin"
+) -> dict:
+    """{context: {word_perplexity, byte_perplexity, bits_per_byte}}: the harness's rolling perplexity of a
+    text file (or, for `path="heldout"`, of the corpus's held-out documents: the `heldout` task) with the
+    model's window set to each context length (non-overlapping windows, as lm-eval's `wikitext`).
+    Contexts above the model's `max_position_embeddings` are refused."""
     from .tasks import text_file_items
 
-    text_file_items(path)  # fail early, with one line, on a missing or empty file
     limit = loaded.model.config.max_position_embeddings
     for context in contexts:
         if not 2 <= context <= limit:
             raise ValueError(f"context length {context} is outside 2..{limit} (the model's max_position_embeddings)")
-    selection = TaskSelection((PPL_TASK,), (str(TASKS_DIR),), harness_tasks=False)
-    manager = task_manager(selection, metadata={"path": str(Path(path).resolve())})
-    check_tasks(manager, selection)
+    if str(path) == "heldout":
+        task, metadata = "heldout", {"corpus": corpus}
+    else:
+        text_file_items(path)  # fail early, with one line, on a missing or empty file
+        task, metadata = PPL_TASK, {"path": str(Path(path).resolve())}
+    selection = TaskSelection((task,), (str(TASKS_DIR),), harness_tasks=False)
+    manager = checked_task_manager(selection, **metadata)
     table = {}
     for context in contexts:
-        output = run_harness(harness_lm(loaded, batch_size, max_length=context), manager, [PPL_TASK], None)
-        metrics = output["results"][PPL_TASK]
+        output = run_harness(harness_lm(loaded, batch_size, max_length=context), manager, [task], None)
+        metrics = output["results"][task]
         table[str(context)] = {
             name: metrics[f"{name},none"] for name in ("word_perplexity", "byte_perplexity", "bits_per_byte")
         }
