@@ -190,14 +190,13 @@ def test_harness_loglikelihoods_equal_the_models_own(record, checkpoint):
 
 
 def test_offline_task_documents_come_from_held_out_text(record):
-    from attnlab.tasks import cloze_items, heldout_documents, lastword_items
+    from attnlab.tasks import task_items
 
-    documents = list(heldout_documents())
-    lastword = lastword_items(documents)
+    lastword = task_items("lastword")
     for sample in record["samples"]["lastword"]:
         doc = lastword[sample["doc_id"]]
         assert sample["arguments"][0] == (doc["context"], " " + doc["target"])
-    cloze = cloze_items(documents)
+    cloze = task_items("cloze")
     for sample in record["samples"]["cloze"]:
         doc = cloze[sample["doc_id"]]
         assert [pair[1] for pair in sample["arguments"]] == [" " + ending for ending in doc["endings"]]

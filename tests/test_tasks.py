@@ -7,13 +7,17 @@ import pytest
 
 from attnlab.tasks import (
     CLOZE_ENDING_WORDS,
+    LASTWORD_MAX_CONTEXT_WORDS,
     MAX_PASSAGE_WORDS,
     cloze_items,
     heldout_documents,
     lastword_items,
+    next_word_guesses,
     prose_passages,
     rolling_perplexity_results,
+    task_items,
     text_file_items,
+    train_next_word_guesses,
 )
 
 
@@ -37,17 +41,36 @@ def test_prose_passages_keep_prose_paragraphs_only():
     assert "\n" not in passages[3][1] and passages[3][1].endswith("second line, finishing 42.")
 
 
-def test_lastword_items_end_on_an_alphabetic_word():
-    items = lastword_items(DOCUMENTS)
-    by_document = {item["document"]: item for item in items}
-    assert by_document[0]["target"] == "here" and by_document[0]["context"].endswith("ends")
-    assert by_document[3]["target"] == "over"
-    # "finishing 42." ends in a number: the target is the last alphabetic word before it
-    assert by_document[2]["target"] == "finishing"
-    for item in items:
-        assert item["text"] == item["context"] + " " + item["target"]
-        assert item["target"].isalpha() and len(item["target"]) >= 2
-        assert not item["context"].endswith(" ")
+PARSER = (
+    "The parser reads the token stream and builds a tree of nodes for the compiler, which then walks the "
+    "tree to emit code. Every node keeps a pointer to its parent so that the compiler can report errors "
+    "with the full path of the node."
+)
+
+
+def test_lastword_targets_end_a_sentence_and_need_the_passage():
+    [item] = lastword_items([PARSER])  # "code." ends a sentence too, but "code" is not in its context
+    assert item["target"] == "node" and item["context"].endswith("full path of the")
+    assert item["text"] == item["context"] + " " + item["target"] and item["document"] == 0
+    assert PARSER.startswith(item["context"])
+    # A target that the previous word alone predicts (a bigram guess) is left out.
+    assert lastword_items([PARSER], local_guess={"the": "node"}) == []
+    assert len(lastword_items([PARSER], local_guess={"the": "compiler"})) == 1
+
+
+def test_lastword_context_is_bounded_and_targets_are_words():
+    long = " ".join(f"w{i}" for i in range(300)) + " " + PARSER
+    [item] = lastword_items([long])
+    assert len(item["context"].split(" ")) == LASTWORD_MAX_CONTEXT_WORDS
+    short = "Too short: the node. " + " ".join(["x"] * 30) + " and the node?"  # "node?" ends a sentence
+    assert [i["target"] for i in lastword_items([short])] == ["node"]
+    assert lastword_items(["e.g. " * 30 + "see e.g."]) == []  # not alphabetic
+
+
+def test_next_word_guesses_take_the_commonest_follower():
+    guesses = next_word_guesses(["a b a c a b.", "(c) a"])
+    assert guesses == {"a": "b", "b": "a", "c": "a"}
+    assert next_word_guesses(["x y x z"])["x"] == "y"  # a tie goes to the pair seen first
 
 
 def test_cloze_items_pair_the_true_ending_with_endings_of_other_documents():
@@ -78,9 +101,13 @@ def test_cloze_needs_two_documents():
 
 
 def test_builtin_tasks_are_deterministic_and_large_enough():
-    documents = list(heldout_documents())
-    assert lastword_items(documents) == lastword_items(list(heldout_documents.__wrapped__()))
-    assert len(lastword_items(documents)) >= 200 and len(cloze_items(documents)) >= 200
+    documents = list(heldout_documents.__wrapped__())
+    guesses = train_next_word_guesses.__wrapped__()
+    assert task_items("lastword") == lastword_items(documents, guesses)
+    assert task_items("cloze") == cloze_items(documents)
+    assert len(task_items("lastword")) >= 80 and len(task_items("cloze")) >= 200
+    with pytest.raises(ValueError, match="unknown built-in task"):
+        task_items("lastwords")
 
 
 def test_text_file_items_and_perplexity_counts(tmp_path):

@@ -5,9 +5,10 @@ plain harness tasks; their documents come from a `custom_dataset` hook (`hooks.p
 builders below on the held-out splits (`valid`, then `test`) of a corpus (the built-in one unless the harness metadata
 names another, key `corpus`). Every builder is a pure, deterministic function of the documents and a seed.
 
-* `lastword` (LAMBADA-style): a prose passage whose final word must be predicted; the harness scores
-  the log-likelihood of " <word>" after the passage (acc = the word is the greedy continuation;
-  perplexity of the word).
+* `lastword` (LAMBADA-style): a prose passage whose final word must be predicted, kept only when the
+  word occurs earlier in the passage and is not what the previous word predicts (see `lastword_items`);
+  the harness scores the log-likelihood of " <word>" after the passage (acc = the word is the greedy
+  continuation; perplexity of the word).
 * `cloze` (HellaSwag-style): a passage and four candidate continuations, the true one and three drawn
   from passages of other documents; acc and acc_norm.
 * `heldout`: rolling log-likelihood of every held-out document; word and byte perplexity, bits per byte.
@@ -16,10 +17,12 @@ names another, key `corpus`). Every builder is a pure, deterministic function of
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import random
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).parent
@@ -33,15 +36,20 @@ MAX_PASSAGE_WORDS = 120  # keep the left end, so that a passage fits a 256-token
 CLOZE_ENDING_WORDS = 10
 CLOZE_CHOICES = 4
 _TRAILING_PUNCTUATION = ".,;:!?)]}\"'”’»…"
+_CLOSING = ")]}\"'”’»"
+_OPENING = "([{\"'“‘«*`"
+LASTWORD_MIN_CONTEXT_WORDS = 20
+LASTWORD_MAX_CONTEXT_WORDS = 100
+TRAIN_DOCUMENTS_FOR_GUESSES = 20000  # bounded, for streaming corpora
 _CODE_LINE = re.compile(r"^\s{2,}|::=|>>>|[{}]|^\s*[-*+] |^\s*\d+\. |^[=*~^-]{3,}\s*$")
 
 
-def prose_passages(documents: list[str]) -> list[tuple[int, str]]:
+def prose_passages(documents: list[str], max_words: int | None = MAX_PASSAGE_WORDS) -> list[tuple[int, str]]:
     """(document index, passage) for every prose paragraph of the documents, in order.
 
     A paragraph is a block separated by blank lines; it is prose when none of its lines looks like code,
     a grammar rule, a list item or a heading underline, and it has at least `MIN_PASSAGE_WORDS` words.
-    Its lines are joined with single spaces.
+    Its lines are joined with single spaces, and its first `max_words` words kept (None: all).
     """
     passages = []
     for index, document in enumerate(documents):
@@ -51,32 +59,57 @@ def prose_passages(documents: list[str]) -> list[tuple[int, str]]:
                 continue
             words = block.split()
             if len(words) >= MIN_PASSAGE_WORDS:
-                passages.append((index, " ".join(words[:MAX_PASSAGE_WORDS])))
+                passages.append((index, " ".join(words[:max_words])))
     return passages
 
 
-def lastword_items(documents: list[str]) -> list[dict]:
-    """LAMBADA-style items {"text", "context", "target", "document"} from the documents' prose passages.
+def lastword_items(documents: list[str], local_guess: Mapping[str, str] | None = None) -> list[dict]:
+    """LAMBADA-style items {"text", "context", "target", "document"}: the word that ends a sentence of a
+    prose paragraph, to be predicted from the paragraph's text before it (at most `LASTWORD_MAX_CONTEXT_WORDS`
+    words, at least `LASTWORD_MIN_CONTEXT_WORDS`).
 
-    The passage is cut after its last word that is purely alphabetic and at least two letters long
-    (trailing punctuation dropped); `context` is everything before that word (no trailing space),
-    `target` the word itself. `text` = context + " " + target, as LAMBADA's `text` field.
+    A target is alphabetic, at least three letters, its sentence-final punctuation dropped. LAMBADA keeps
+    the passages whose last word needs the broad context; here an item is kept only when
+    (1) its target already occurs in the context, so the passage carries it, and
+    (2) it is not `local_guess[previous word]` (the word that most often follows the previous word in the
+    training text, see `next_word_guesses`), so a model that sees only the previous token cannot get it.
+    `text` = context + " " + target, as LAMBADA's `text` field.
     """
+    local_guess = local_guess or {}
     items = []
-    for document, passage in prose_passages(documents):
+    for document, passage in prose_passages(documents, max_words=None):
         words = passage.split(" ")
-        while words and not _is_target_word(words[-1].rstrip(_TRAILING_PUNCTUATION)):
-            words.pop()
-        if len(words) < MIN_PASSAGE_WORDS // 2:
-            continue
-        target = words[-1].rstrip(_TRAILING_PUNCTUATION)
-        context = " ".join(words[:-1])
-        items.append({"text": f"{context} {target}", "context": context, "target": target, "document": document})
+        for end in range(LASTWORD_MIN_CONTEXT_WORDS, len(words)):
+            target = _strip(words[end])
+            if not (words[end].rstrip(_CLOSING).endswith((".", "!", "?")) and _is_target_word(target)):
+                continue
+            context_words = words[max(0, end - LASTWORD_MAX_CONTEXT_WORDS) : end]
+            if target not in {_strip(word) for word in context_words}:
+                continue
+            if local_guess.get(_strip(context_words[-1])) == target:
+                continue
+            context = " ".join(context_words)
+            items.append({"text": f"{context} {target}", "context": context, "target": target, "document": document})
     return items
 
 
+def next_word_guesses(documents: Iterable[str]) -> dict[str, str]:
+    """For every word, the word that most often follows it in `documents` (words split on white space,
+    surrounding punctuation stripped; ties go to the pair seen first): what a bigram model would guess."""
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for document in documents:
+        words = [_strip(word) for word in document.split()]
+        for previous, word in zip(words, words[1:]):
+            counts[previous][word] += 1
+    return {previous: followers.most_common(1)[0][0] for previous, followers in counts.items()}
+
+
+def _strip(word: str) -> str:
+    return word.strip(_TRAILING_PUNCTUATION + _OPENING)
+
+
 def _is_target_word(word: str) -> bool:
-    return len(word) >= 2 and word.isascii() and word.isalpha()
+    return len(word) >= 3 and word.isascii() and word.isalpha()
 
 
 def cloze_items(documents: list[str], seed: int = SEED) -> list[dict]:
@@ -132,6 +165,26 @@ def heldout_documents(corpus: str = "builtin", max_documents: int = 2000) -> tup
     if not documents:
         raise ValueError(f"corpus {corpus!r} has no held-out documents to build tasks from")
     return tuple(documents)
+
+
+@functools.lru_cache(maxsize=4)
+def train_next_word_guesses(corpus: str = "builtin") -> dict[str, str]:
+    """`next_word_guesses` over (the first `TRAIN_DOCUMENTS_FOR_GUESSES` documents of) the corpus's train split."""
+    from ..data import open_corpus
+
+    return next_word_guesses(itertools.islice(open_corpus(corpus).documents("train"), TRAIN_DOCUMENTS_FOR_GUESSES))
+
+
+def task_items(task: str, corpus: str = "builtin") -> list[dict]:
+    """The documents of a built-in task (`BUILTIN_TASKS`) for a corpus, as the harness sees them."""
+    documents = list(heldout_documents(corpus))
+    if task == "lastword":
+        return lastword_items(documents, train_next_word_guesses(corpus))
+    if task == "cloze":
+        return cloze_items(documents)
+    if task == "heldout":
+        return heldout_items(documents)
+    raise ValueError(f"unknown built-in task {task!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
 
 
 def rolling_perplexity_results(doc: dict, results: list) -> dict:

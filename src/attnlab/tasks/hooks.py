@@ -8,14 +8,7 @@ from __future__ import annotations
 
 import datasets
 
-from attnlab.tasks import (
-    cloze_items,
-    heldout_documents,
-    heldout_items,
-    lastword_items,
-    rolling_perplexity_results,
-    text_file_items,
-)
+from attnlab.tasks import rolling_perplexity_results, task_items, text_file_items
 
 __all__ = ["cloze", "heldout", "lastword", "rolling_perplexity_results", "textfile"]
 
@@ -25,15 +18,15 @@ def _test_split(items: list[dict]) -> datasets.DatasetDict:
 
 
 def lastword(corpus: str = "builtin", **_) -> datasets.DatasetDict:
-    return _test_split(lastword_items(list(heldout_documents(corpus))))
+    return _test_split(task_items("lastword", corpus))
 
 
 def cloze(corpus: str = "builtin", **_) -> datasets.DatasetDict:
-    return _test_split(cloze_items(list(heldout_documents(corpus))))
+    return _test_split(task_items("cloze", corpus))
 
 
 def heldout(corpus: str = "builtin", **_) -> datasets.DatasetDict:
-    return _test_split(heldout_items(list(heldout_documents(corpus))))
+    return _test_split(task_items("heldout", corpus))
 
 
 def textfile(path: str | None = None, **_) -> datasets.DatasetDict:
