@@ -466,16 +466,20 @@ def _metrics_path(path: str | Path) -> Path:
 
 
 def _resolve_seq_len(seq_len: int | None, configs: list[dict], checkpoints: list[Path]) -> int:
-    """The analysis length: `seq_len`, or the shortest max_position_embeddings of the models compared (one
-    common L, so that L-dependent indicators like entropy compare across models)."""
-    limits = []
+    """The analysis length: `seq_len`, or the shortest length the models compared were trained on (their
+    max_position_embeddings when unknown): one common L, so that L-dependent indicators like entropy
+    compare across models, and no positions the models never saw in training."""
+    from .evaluation import trained_seq_len
+
+    limits, defaults = [], []
     for path, config in zip(checkpoints, configs):
         limit = int(config.get("max_position_embeddings", 0))
         if any(m in ("rndembqk", "fixedseqqk") for m in config.get("mixer_types") or []):
             limit = min(limit, int(config.get("shadow_seq_len", limit)))
         limits.append((limit, path))
+        defaults.append(min(limit, trained_seq_len(path) or limit))
     if seq_len is None:
-        seq_len = min(limit for limit, _ in limits)
+        seq_len = min(defaults)
         if seq_len < MIN_SEQ_LEN:
             raise ValueError(f"the models take at most {seq_len} tokens; the indicators need seq_len >= {MIN_SEQ_LEN}")
         return seq_len
@@ -503,7 +507,7 @@ def analyze_models(
 
     Each model reads the first `num_seqs` sequences of `seq_len` tokens of the `valid` split of `data`
     (`attnlab.data.heldout_sequences`, with the model's own tokenizer); `seq_len` defaults to the shortest
-    `max_position_embeddings` of the models, so every model is analysed at the same L. Indicators are the
+    training length of the models (see `_resolve_seq_len`), so every model is analysed at the same L. Indicators are the
     per-sequence values (spec §6, see `attention_indicators`) averaged over the sequences; activation
     statistics pool every causal score of every sequence (`ActivationStatistics`).
 
