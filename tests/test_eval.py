@@ -269,10 +269,13 @@ def test_eval_and_table_commands_write_results_and_tables(checkpoint, tmp_path, 
 
 
 def _one_line_error(capsys, argv) -> str:
+    """Exit status 2 and one error line at the end of stderr (progress bars may come before it)."""
     assert main(argv) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("attnlab: error: ") and "\n" not in error, error
-    return error
+    stderr = capsys.readouterr().err
+    assert stderr.count("attnlab: error: ") == 1, stderr
+    error = "attnlab: error: " + stderr.split("attnlab: error: ")[1]
+    assert error.endswith("\n") and "\n" not in error[:-1], error
+    return error.strip()
 
 
 def test_bad_checkpoints_give_one_line(tmp_path, capsys):
@@ -328,3 +331,15 @@ def test_generation_tasks_decode_greedily_without_a_cache(checkpoint, tmp_path):
         ids = loaded.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         expected = loaded.model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
         assert sample["resps"][0][0] == loaded.tokenizer.decode(expected[0, ids.shape[1]:])
+
+
+def test_a_continuation_longer_than_the_window_is_refused_in_one_line(checkpoint, tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    long_answer = " ".join(["positional arguments and keyword arguments"] * 12)
+    data.write_text(json.dumps({"question": "What?", "choices": [long_answer, "no"], "label": 0}) + "\n")
+    task = tmp_path / "long_choice.yaml"
+    task.write_text(LOCAL_TASK_YAML.replace("local_colours", "long_choice").format(data=data))
+    error = _one_line_error(capsys, ["eval", str(checkpoint), "--tasks", str(task), "--max-length", "16",
+                                     "--out", str(tmp_path / "r.json")])
+    assert "does not fit the 16-token window; raise --max-length" in error
+    assert not (tmp_path / "r.json").exists()

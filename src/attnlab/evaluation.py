@@ -225,9 +225,22 @@ def _harness_lm_class():
     class AttnLabLM(HFLM):
         """The harness's HF causal LM over an attnlab model instance.
 
-        Scoring (loglikelihood, rolling loglikelihood) is HFLM's own. Generation passes `use_cache=False`:
+        Scoring (loglikelihood, rolling loglikelihood) is HFLM's own; a continuation longer than the window
+        is refused with one line instead of the harness's bare assertion. Generation passes `use_cache=False`:
         attnlab has no decoding caches yet, so `generate` recomputes the whole sequence at every step.
         """
+
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            # The harness asserts this deep inside its loop; say what is wrong and what to do instead.
+            for strings, _, continuation_tokens in requests:  # strings: (context, continuation), or None
+                if len(continuation_tokens) > self.max_length:
+                    text = repr(strings[1][:40]) + "..." if strings else "a rolling window"
+                    raise ValueError(
+                        f"a continuation of {len(continuation_tokens)} tokens ({text}) does not "
+                        f"fit the {self.max_length}-token window; raise --max-length (at most the model's "
+                        f"max_position_embeddings, {self.model.config.max_position_embeddings})"
+                    )
+            return super()._loglikelihood_tokens(requests, *args, **kwargs)
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
             generate = self.model.generate
