@@ -311,15 +311,16 @@ def checked_task_manager(selection: TaskSelection, **metadata):
     manager = TaskManager(
         include_path=list(selection.include_paths), include_defaults=selection.harness_tasks, metadata=metadata
     )
-    check_tasks(manager, selection)
+    manager.attnlab_hub_unreachable = check_tasks(manager, selection)  # run_harness reads the cache only then
     return manager
 
 
-def check_tasks(manager, selection: TaskSelection) -> None:
+def check_tasks(manager, selection: TaskSelection) -> str | None:
     """Build every selected task once (which loads its data), so that a failure names its task.
 
     When the Hugging Face Hub is unreachable, datasets come from the local cache only: a task whose data
     is neither local nor cached fails at once with the reason, instead of after a minute of retries.
+    Returns why the Hub is unreachable (None if it was not needed or answers).
     """
     from .data.hub import hub_unreachable_reason
 
@@ -344,6 +345,7 @@ def check_tasks(manager, selection: TaskSelection) -> None:
                     f"tasks, the built-in tasks ({', '.join(BUILTIN_TASKS)}) or a task YAML with local data files"
                 ) from None
             raise ValueError(f"task {name!r} could not be loaded: {reason}") from None
+    return unreachable
 
 
 def _is_ours(name: str, selection: TaskSelection) -> bool:
@@ -362,7 +364,8 @@ def run_harness(lm, manager, names: Sequence[str], limit: int | float | None, lo
     """`lm_eval.simple_evaluate` zero-shot on the named tasks; the harness's result dict."""
     import lm_eval
 
-    with _quiet("lm_eval"):  # progress bars stay; per-request truncation and config notices go
+    offline = _hub_offline() if getattr(manager, "attnlab_hub_unreachable", None) else contextlib.nullcontext()
+    with offline, _quiet("lm_eval"):  # progress bars stay; per-request truncation and config notices go
         return lm_eval.simple_evaluate(
             model=lm, tasks=list(names), task_manager=manager, limit=limit, log_samples=log_samples,
             num_fewshot=0, bootstrap_iters=1000,
