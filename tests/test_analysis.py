@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab import AttnLabConfig, AttnLabForCausalLM
+from attnlab import AttnLabForCausalLM
 from attnlab.analysis import (
     INDICATORS,
     ActivationStatistics,
@@ -27,6 +27,8 @@ from attnlab.analysis import (
     sink,
 )
 from attnlab.data import build_tokenizer, heldout_sequences, open_corpus
+
+from .conftest import tiny_config
 
 L = 7
 
@@ -205,14 +207,9 @@ PATTERNS = {"hybrid": "standard,nonapprox,standard,mlp", "other": "rndembqk,appr
 def _save_model(folder: Path, layers: str, tokenizer, seed: int) -> None:
     """A tiny model whose weights are re-drawn large enough that its maps are far from uniform."""
     torch.manual_seed(seed)
-    config = AttnLabConfig(
+    config = tiny_config(
         vocab_size=64 * math.ceil(len(tokenizer) / 64),
-        hidden_size=32,
-        intermediate_size=48,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=48,
         layers=layers,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,

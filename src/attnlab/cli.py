@@ -40,6 +40,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None)
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """The checkpoints a command reads, and the device it runs them on."""
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="training output folder or checkpoint-<step>")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
 def model_overrides(args: argparse.Namespace) -> dict:
     fields = [field for field, _ in MODEL_FLAGS.values()] + list(MODEL_SWITCHES.values())
     return {field: getattr(args, field) for field in fields if getattr(args, field) is not None}
@@ -253,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "offline (lastword, cloze, heldout: built from held-out text, no network), harness task names, and "
         "paths to task YAML files.",
     )
-    evaluate.add_argument("checkpoints", nargs="+", metavar="CKPT", help="training output folder or checkpoint-<step>")
+    add_checkpoint_arguments(evaluate)
     evaluate.add_argument("--tasks", help="comma-separated tasks/lists/YAML paths (default: offline; none: only ppl)")
     evaluate.add_argument("--out", default="results.json", help="results file (default: results.json)")
     evaluate.add_argument(
@@ -264,7 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-length", type=int, help="context window in tokens (default: the training --seq-len, when known)"
     )
     evaluate.add_argument("--batch-size", type=_batch_size, default=8, help="sequences per forward, or auto (GPU)")
-    evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     evaluate.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     evaluate.add_argument(
         "--skip-nonstandard", action="store_true", help="remove the non-standard layers (paper Table 1, skip)"
@@ -292,13 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
         "diversity, sink, local focus 0-3 and pre-softmax activation statistics per layer) and the figures: radar "
         "plots, activation distributions, loss curves, mean attention maps.",
     )
-    analyze.add_argument("checkpoints", nargs="+", metavar="CKPT", help="training output folder or checkpoint-<step>")
+    add_checkpoint_arguments(analyze)
     analyze.add_argument("--out", required=True, help="output folder")
     analyze.add_argument("--data", default="builtin", help="corpus whose held-out text the models read (--data of train)")
     analyze.add_argument("--num-seqs", type=int, default=16, help="held-out sequences")
     analyze.add_argument("--seq-len", type=int, help="tokens per sequence (default: the models' context length)")
     analyze.add_argument("--batch-size", type=int, default=4)
-    analyze.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     analyze.add_argument(
         "--metrics", nargs="*", metavar="RUN", help="runs (or metrics.jsonl files) for the loss curves (default: "
         "the checkpoints' own runs; give none to skip)"
