@@ -312,7 +312,7 @@ def test_ppl_contexts_need_data(checkpoint, capsys):
     assert "needs --ppl-data" in _one_line_error(capsys, ["eval", str(checkpoint), "--ppl-contexts", "16,32"])
 
 
-def test_generation_tasks_decode_greedily_without_a_cache(checkpoint, tmp_path):
+def test_generation_tasks_decode_greedily_as_full_recomputation_does(checkpoint, tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in ["The function", "A class is"]))
     task = tmp_path / "gen.yaml"

@@ -225,9 +225,9 @@ def _harness_lm_class():
     class AttnLabLM(HFLM):
         """The harness's HF causal LM over an attnlab model instance.
 
-        Scoring (loglikelihood, rolling loglikelihood) is HFLM's own; a continuation longer than the window
-        is refused with one line instead of the harness's bare assertion. Generation passes `use_cache=False`:
-        attnlab has no decoding caches yet, so `generate` recomputes the whole sequence at every step.
+        Scoring (loglikelihood, rolling loglikelihood) and generation are HFLM's own (generation through
+        `generate` with attnlab's decoding cache); a continuation longer than the window is refused with
+        one line instead of the harness's bare assertion.
         """
 
         def _loglikelihood_tokens(self, requests, *args, **kwargs):
@@ -241,19 +241,6 @@ def _harness_lm_class():
                         f"max_position_embeddings, {self.model.config.max_position_embeddings})"
                     )
             return super()._loglikelihood_tokens(requests, *args, **kwargs)
-
-        def _model_generate(self, context, max_length, stop, **generation_kwargs):
-            generate = self.model.generate
-
-            def generate_without_cache(*args, **kwargs):
-                kwargs["use_cache"] = False
-                return generate(*args, **kwargs)
-
-            self.model.generate = generate_without_cache
-            try:
-                return super()._model_generate(context, max_length, stop, **generation_kwargs)
-            finally:
-                del self.model.generate
 
     return AttnLabLM
 

@@ -7,6 +7,11 @@ own input: the static embeddings `e = Emb(t)` (`staticembqk`), and two *shadow s
 sequence (`rndembqk`) and a fixed token sequence (`fixedseqqk`) — that run through the same layers, once
 per forward with batch 1, so each layer's map is computed once and shared by the batch. Every Q/K source
 passes through the layer's own attention pre-norm. Skip mode runs only the standard layers.
+
+Incremental decoding: `generate` builds one `AttnLabCache` (attnlab.cache) holding each layer's own state —
+a KV cache for standard/staticembqk, shared shadow queries/keys plus a value cache for rndembqk/fixedseqqk
+(computed once per cache), O(1) running sums for approximate and nonapprox, nothing for mlp — and each
+forward then runs only the new tokens. `use_cache=False` recomputes the whole sequence every step.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .cache import AttnLabCache
 from .config import AttnLabConfig
 from .losses import fused_causal_lm_loss
 from .mixers import MixerInputs, MixerOutput, build_mixer
@@ -51,6 +57,8 @@ class _StreamInputs:
     reference: bool
     need_weights: bool = False
     need_scores: bool = False
+    cache: AttnLabCache | None = None  # incremental decoding: the tokens of this pass follow `past_length` others
+    past_length: int = 0
 
 
 class AttnLabDecoderLayer(nn.Module):
@@ -84,6 +92,8 @@ class AttnLabDecoderLayer(nn.Module):
                 reference=stream.reference,
                 need_weights=stream.need_weights,
                 need_scores=stream.need_scores,
+                layer_cache=None if stream.cache is None else stream.cache.layers[self.layer_idx],
+                past_length=stream.past_length,
             ),
         )
         hidden_states = hidden_states + mixed.hidden_states
@@ -177,12 +187,7 @@ class AttnLabModel(AttnLabPreTrainedModel):
         Returns each layer's input X_{l−1} (indexed by layer number) and the stream's RoPE tables.
         Inside the stream a `rndembqk`/`fixedseqqk` layer attends over the shadow sequence itself.
         """
-        if seq_len > self.config.shadow_seq_len:
-            raise ValueError(
-                f"input length {seq_len} exceeds shadow_seq_len={self.config.shadow_seq_len}, the length of the "
-                "fixed sequence that rndembqk/fixedseqqk maps come from; use shorter inputs or a model built "
-                "with a larger shadow_seq_len"
-            )
+        self._check_shadow_length(seq_len)
         if source == "shadow_noise":
             hidden = self.shadow_noise[:seq_len].to(self.embed_tokens.weight.dtype)[None]  # [1, seq, hidden]
         else:
@@ -204,12 +209,42 @@ class AttnLabModel(AttnLabPreTrainedModel):
             hidden, _ = layer(hidden, stream)
         return states, positions
 
+    def _check_shadow_length(self, seq_len: int) -> None:
+        if seq_len > self.config.shadow_seq_len:
+            raise ValueError(
+                f"input length {seq_len} exceeds shadow_seq_len={self.config.shadow_seq_len}, the length of the "
+                "fixed sequence that rndembqk/fixedseqqk maps come from; use shorter inputs or a model built "
+                "with a larger shadow_seq_len"
+            )
+
+    def _fill_shadow_tables(
+        self, cache: AttnLabCache, layers: list[AttnLabDecoderLayer], total_len: int, reference: bool
+    ) -> None:
+        """Give every rndembqk/fixedseqqk layer of `cache` its RoPE'd shadow queries/keys, once per cache.
+
+        One batch-1 shadow-stream pass per source at the full length L_max (the map of a length-L input is
+        the top-left L×L block, spec §3), so no later step of the same cache runs the stream again; a new
+        cache (a new `generate` call) recomputes them, so changed weights never meet stale maps.
+        """
+        for source in SHADOW_SOURCES:
+            users = [layer for layer in layers if layer.self_attn.qk_source == source]
+            if not users:
+                continue
+            self._check_shadow_length(total_len)
+            if cache.layers[users[0].layer_idx].query_table is not None:
+                continue
+            states, positions = self._shadow_stream(source, layers, self.config.shadow_seq_len, reference)
+            for layer in users:
+                source_states = layer.input_layernorm(states[layer.layer_idx], reference)
+                tables = layer.self_attn.rotated_queries_keys(source_states, positions, reference)
+                cache.layers[layer.layer_idx].set_tables(*tables)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        past_key_values: AttnLabCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -219,10 +254,19 @@ class AttnLabModel(AttnLabPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> AttnLabModelOutput:
+        """With `past_key_values` (an `AttnLabCache`, or a new one when `use_cache=True`) the inputs are the
+        tokens after the cached ones, `attention_mask` covers the cached and the new tokens ([batch,
+        past + seq]), and the updated cache is returned as `past_key_values`."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if use_cache or past_key_values is not None:
-            raise NotImplementedError("attnlab models do not keep a decoding cache yet; call with use_cache=False")
+        if past_key_values is not None and not isinstance(past_key_values, AttnLabCache):
+            raise ValueError(
+                f"attnlab models decode with their own per-layer cache; pass an attnlab.cache.AttnLabCache (or "
+                f"use_cache=True and no past_key_values), not a {type(past_key_values).__name__}"
+            )
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = past_key_values if past_key_values is not None else AttnLabCache(self.config) if use_cache else None
+        past_length = 0 if cache is None else cache.get_seq_length()
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
         output_hidden_states = bool(
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -234,17 +278,20 @@ class AttnLabModel(AttnLabPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # e = Emb(t): [batch, seq, hidden]
         batch, seq_len, _ = inputs_embeds.shape
-        if position_ids is None:
-            position_ids = torch.arange(seq_len, device=inputs_embeds.device)[None]  # one RoPE table for the batch
-        key_padding_mask = _key_padding_mask(attention_mask, batch, seq_len)
+        if position_ids is None:  # one RoPE table for the batch
+            position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)[None]
+        key_padding_mask = _key_padding_mask(attention_mask, batch, past_length + seq_len)
 
         layers = self.active_layers()
         reference = implementation == "reference"
         shadow_states: dict[str, dict[int, torch.Tensor]] = {}
         shadow_positions = None
-        for source in SHADOW_SOURCES:
-            if any(layer.self_attn.qk_source == source for layer in layers):
-                shadow_states[source], shadow_positions = self._shadow_stream(source, layers, seq_len, reference)
+        if cache is not None:
+            self._fill_shadow_tables(cache, layers, past_length + seq_len, reference)
+        else:
+            for source in SHADOW_SOURCES:
+                if any(layer.self_attn.qk_source == source for layer in layers):
+                    shadow_states[source], shadow_positions = self._shadow_stream(source, layers, seq_len, reference)
         stream = _StreamInputs(
             position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
             key_padding_mask=key_padding_mask,
@@ -254,6 +301,8 @@ class AttnLabModel(AttnLabPreTrainedModel):
             reference=reference,
             need_weights=output_attentions,
             need_scores=output_mixer_scores,
+            cache=cache,
+            past_length=past_length,
         )
 
         hidden_states = inputs_embeds
@@ -267,8 +316,11 @@ class AttnLabModel(AttnLabPreTrainedModel):
             all_scores.append(mixed.scores)
         hidden_states = self.norm(hidden_states, reference)
         all_hidden_states.append(hidden_states)
+        if cache is not None:
+            cache.seen_tokens += seq_len
         return AttnLabModelOutput(
             last_hidden_state=hidden_states,
+            past_key_values=cache,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             attentions=tuple(all_weights) if output_attentions else None,
             mixer_scores=tuple(all_scores) if output_mixer_scores else None,
@@ -303,6 +355,29 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
         self.model = AttnLabModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        # `config.use_cache` stays False so training forwards build no cache; `generate` decodes
+        # incrementally unless told `use_cache=False` (or a saved generation config says otherwise).
+        if self.generation_config is not None:
+            self.generation_config.use_cache = True
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        """`generate`'s hook for building the cache: an `AttnLabCache` (one state per layer, of its mixer's
+        kind), instead of transformers' `DynamicCache`, which has no place for recurrent states."""
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is not None and not isinstance(user_cache, AttnLabCache):
+            raise ValueError(
+                f"attnlab models decode with attnlab.cache.AttnLabCache, not {type(user_cache).__name__}; "
+                "pass AttnLabCache(model.config) or no past_key_values"
+            )
+        if user_cache is None and generation_config.use_cache is not False:
+            if generation_config.cache_implementation not in (None, "dynamic"):
+                raise ValueError(
+                    f"cache_implementation={generation_config.cache_implementation!r} is not supported: attnlab "
+                    "models keep their own per-layer cache (leave cache_implementation unset)"
+                )
+            model_kwargs["past_key_values"] = AttnLabCache(self.config)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -371,6 +446,7 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
         return AttnLabCausalLMOutput(
             loss=loss,
             logits=logits,
+            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             mixer_scores=outputs.mixer_scores,

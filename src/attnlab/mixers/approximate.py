@@ -14,13 +14,19 @@ across chunks the order-0/1/2 sums carry the prefix — linear in sequence lengt
 recurrent decoder keeps. Because φ has 1 + d_h + d_h² entries, the sums cost about 4·L·d_h³ per head
 against 4·L²·d_h for the explicit form, so the default chunk is 2·d_h²: a paper-size head (d_h = 64)
 runs the explicit form up to 8192 tokens and the linear form beyond. Layout: [batch, heads, seq, head_dim].
+
+Cached decoding keeps exactly those six running sums (`attnlab.cache.RecurrentStateLayer`): Σv [B,H,1,d_h],
+Σ1 [B,H,1,1], Σk̃vᵀ [B,H,d_h,d_h], Σk̃ [B,H,d_h,1], Σ(k̃⊗k̃)vᵀ [B,H,d_h²,d_h], Σ(k̃⊗k̃) [B,H,d_h²,1], in the
+compute dtype. Their size does not depend on the context, and a step costs O(d_h³) per head and token
+whatever the context length (the order-2 term dominates; spec §8 quotes 10Bd² for decode, which counts
+the order-0/1 terms). The prefill is the chunked computation that also folds its last chunk.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import PairwiseScoreMixer, allowed_positions
+from .base import MixerInputs, MixerOutput, PairwiseScoreMixer, allowed_positions
 
 
 def taylor_exp(scores: torch.Tensor) -> torch.Tensor:
@@ -38,6 +44,30 @@ def reference_taylor_attention(
     return torch.matmul(weights, value.float()).to(value.dtype), weights, scores
 
 
+def fold_taylor_state(
+    sums: tuple, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor | None
+) -> tuple[torch.Tensor, ...]:
+    """Add keys k̃ (already scaled by d_h^{-1/4}) and values to the six running sums.
+
+    sums: (Σv, Σ1, Σk̃vᵀ, Σk̃, Σ(k̃⊗k̃)vᵀ, Σ(k̃⊗k̃)), tensors or 0.0 before the first fold; key/value
+    [B, H, C, d]; keep: [B, 1, C, 1] (real tokens) or None. Padded keys contribute nothing.
+    """
+    value_sum, key_count, key_value_sum, key_sum, key2_value_sum, key2_sum = sums
+    if keep is not None:
+        key, value_kept, ones = key * keep, value * keep, keep.expand_as(value[..., :1])
+    else:
+        value_kept, ones = value, torch.ones_like(value[..., :1])
+    key2 = (key.unsqueeze(-1) * key.unsqueeze(-2)).flatten(-2)  # [B, H, C, d²]
+    return (
+        value_sum + value_kept.sum(-2, keepdim=True),
+        key_count + ones.sum(-2, keepdim=True),
+        key_value_sum + key.transpose(-1, -2) @ value,
+        key_sum + key.sum(-2).unsqueeze(-1),
+        key2_value_sum + key2.transpose(-1, -2) @ value,
+        key2_sum + key2.sum(-2).unsqueeze(-1),
+    )
+
+
 def chunked_taylor_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -45,8 +75,14 @@ def chunked_taylor_attention(
     key_padding_mask: torch.Tensor | None,
     scaling: float,
     chunk_size: int,
-) -> torch.Tensor:
-    """Linear-time causal Taylor attention; the same function as `reference_taylor_attention`."""
+    state: tuple[torch.Tensor, ...] | None = None,
+    return_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Linear-time causal Taylor attention; the same function as `reference_taylor_attention`.
+
+    `state` (the six sums of earlier tokens, see `fold_taylor_state`) continues a sequence: the cached
+    decode step. `return_state=True` also returns the sums after the last token.
+    """
     seq_len = query.shape[2]
     feature_scale = scaling**0.5  # q̃ = q / d_h^{1/4}, so q̃·k̃ = s
     query, key = query * feature_scale, key * feature_scale
@@ -54,7 +90,8 @@ def chunked_taylor_attention(
     # Running sums over the keys of all previous chunks (order 0, 1, 2), numerator and normaliser; they
     # become tensors after the first chunk ([B, H, 1, d_v], [B, H, 1, 1], [B, H, d, d_v], [B, H, d, 1],
     # [B, H, d², d_v], [B, H, d², 1]), so a single-chunk call never allocates the d²-sized state.
-    value_sum = key_count = key_value_sum = key_sum = key2_value_sum = key2_sum = 0.0
+    has_prefix = state is not None
+    sums = state if has_prefix else (0.0,) * 6
     outputs = []
     for start in range(0, seq_len, chunk_size):
         stop = min(start + chunk_size, seq_len)
@@ -64,27 +101,18 @@ def chunked_taylor_attention(
         within = taylor_exp(q @ k.transpose(-1, -2)) * allowed_positions(stop - start, chunk_padding, q.device)
         numerator = within @ v  # [B, H, C, d_v]
         normaliser = within.sum(-1, keepdim=True)  # [B, H, C, 1]
-        if start > 0:  # prefix from earlier chunks: φ(q̃)·Σφ(k̃)v and φ(q̃)·Σφ(k̃)
+        if start > 0 or has_prefix:  # prefix from earlier chunks: φ(q̃)·Σφ(k̃)v and φ(q̃)·Σφ(k̃)
+            value_sum, key_count, key_value_sum, key_sum, key2_value_sum, key2_sum = sums
             q2 = (q.unsqueeze(-1) * q.unsqueeze(-2)).flatten(-2)  # q̃ ⊗ q̃: [B, H, C, d²]
             numerator = numerator + value_sum + q @ key_value_sum + 0.5 * (q2 @ key2_value_sum)
             normaliser = normaliser + key_count + q @ key_sum + 0.5 * (q2 @ key2_sum)
         outputs.append(numerator / normaliser)
-        if stop == seq_len:
+        if stop == seq_len and not return_state:
             break
         # Fold this chunk's keys into the running sums (padded keys contribute nothing).
-        if keep is not None:
-            chunk_keep = keep[:, :, start:stop]
-            k, v_kept, ones = k * chunk_keep, v * chunk_keep, chunk_keep
-        else:
-            v_kept, ones = v, torch.ones_like(v[..., :1])
-        k2 = (k.unsqueeze(-1) * k.unsqueeze(-2)).flatten(-2)  # [B, H, C, d²]
-        value_sum = value_sum + v_kept.sum(-2, keepdim=True)
-        key_count = key_count + ones.sum(-2, keepdim=True)
-        key_value_sum = key_value_sum + k.transpose(-1, -2) @ v
-        key_sum = key_sum + k.sum(-2).unsqueeze(-1)
-        key2_value_sum = key2_value_sum + k2.transpose(-1, -2) @ v
-        key2_sum = key2_sum + k2.sum(-2).unsqueeze(-1)
-    return torch.cat(outputs, dim=2)
+        sums = fold_taylor_state(sums, k, v, None if keep is None else keep[:, :, start:stop])
+    output = torch.cat(outputs, dim=2)
+    return (output, sums) if return_state else output
 
 
 class TaylorAttention(PairwiseScoreMixer):
@@ -96,6 +124,39 @@ class TaylorAttention(PairwiseScoreMixer):
     def reference_attention(self, query, key, value, allowed):
         return reference_taylor_attention(query, key, value, allowed, self.scaling)
 
-    def fast_attention(self, query, key, value, key_padding_mask):
-        chunk_size = self.chunk_size or 2 * self.head_dim**2
-        return chunked_taylor_attention(query, key, value, key_padding_mask, self.scaling, chunk_size)
+    def fast_attention(self, query, key, value, key_padding_mask, past_length=0):
+        assert past_length == 0, "cached decode steps go through the recurrent state (forward_cached)"
+        return chunked_taylor_attention(query, key, value, key_padding_mask, self.scaling, self.resolved_chunk_size)
+
+    @property
+    def resolved_chunk_size(self) -> int:
+        return self.chunk_size or 2 * self.head_dim**2
+
+    def forward_cached(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
+        """One step of the recurrent form (module docstring): O(1) state, the same function as `forward`.
+
+        The map of a decode step is not available from the sums, so weights/scores are refused there
+        (`use_cache=False` recomputes them); `reference` applies to the prefill only.
+        """
+        cache, past_length = inputs.layer_cache, inputs.past_length
+        if past_length and (inputs.need_weights or inputs.need_scores):
+            raise ValueError(
+                "an approximate layer's decode state holds running sums, not its map; "
+                "request attentions or mixer scores with use_cache=False"
+            )
+        query, key, value = self.project_heads(x, inputs)
+        query, key = self.rotate_queries_keys(query, key, inputs)
+        key, value = self.expand_key_value_heads(key), self.expand_key_value_heads(value)
+        state = cache.get_states()
+        assert (state is None) == (past_length == 0), "the recurrent state must cover exactly the past tokens"
+        padding = inputs.new_token_padding()
+        if past_length == 0 and (inputs.reference or inputs.need_weights or inputs.need_scores):
+            result = self.attend(query, key, value, inputs)
+            keep = None if padding is None else padding[:, None, :, None].to(key.dtype)
+            cache.set_states(fold_taylor_state((0.0,) * 6, key * self.scaling**0.5, value, keep))
+            return result
+        output, state = chunked_taylor_attention(
+            query, key, value, padding, self.scaling, self.resolved_chunk_size, state=state, return_state=True
+        )
+        cache.set_states(state)
+        return MixerOutput(self.merge_heads(output))

@@ -4,12 +4,17 @@ Tensor layout inside mixers: hidden states [batch, seq, hidden]; per-head tensor
 [batch, heads, seq, head_dim]; mixing matrices [batch, heads, query, key]. All masks are causal
 (key j ≤ query i). A key-padding mask marks real tokens; a padded query always keeps its own
 position (the diagonal), so no softmax row is empty and real tokens never see padding.
+
+Incremental decoding: when `MixerInputs.layer_cache` is set, `x` holds only the new tokens (positions
+`past_length`, …, `past_length + seq − 1`), the key-padding mask covers the past and the new tokens,
+and the mixer reads and extends its own entry of the model's `AttnLabCache` (see `attnlab.cache` for
+the layout of each mixer's state). The first call with an empty cache is the prefill.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +36,15 @@ class MixerInputs:
     reference: bool = False  # run the slow, explicit float32 reference path
     need_weights: bool = False  # return the mixing matrix (forces the reference path)
     need_scores: bool = False  # return the pre-softmax activations (forces the reference path)
+    layer_cache: Any = None  # this layer's entry of an `AttnLabCache`; None = no incremental decoding
+    past_length: int = 0  # tokens already in the cache (the position of x's first token)
+
+    def new_token_padding(self) -> torch.Tensor | None:
+        """The key-padding mask of the new tokens only ([batch, seq]), or None when none of them is padding."""
+        if self.key_padding_mask is None:
+            return None
+        new = self.key_padding_mask[:, self.past_length :]
+        return None if bool(new.all()) else new
 
 
 @dataclass
@@ -114,6 +128,14 @@ class ProjectedMixer(Mixer):
         query, key = self.project_queries_keys(source, inputs.reference)
         return query, key, self.project_values(x)
 
+    def rotated_queries_keys(
+        self, source: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], reference: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE'd q, k of a normalised Q/K source at the given positions (the precomputed shadow tables)."""
+        query, key = self.project_queries_keys(source, reference)
+        cos, sin = position_embeddings
+        return apply_rotary(query, cos, sin, reference), apply_rotary(key, cos, sin, reference)
+
     def rotate_queries_keys(
         self, query: torch.Tensor, key: torch.Tensor, inputs: MixerInputs
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,12 +155,25 @@ class ProjectedMixer(Mixer):
         return self.o_proj(per_head.transpose(1, 2).reshape(batch, seq, -1))
 
 
-def allowed_positions(seq_len: int, key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """Boolean [batch or 1, 1, query, key] mask: causal, padded keys removed, the diagonal always kept."""
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+def allowed_positions(
+    seq_len: int, key_padding_mask: torch.Tensor | None, device: torch.device, past_length: int = 0
+) -> torch.Tensor:
+    """Boolean [batch or 1, 1, query, key] mask: causal, padded keys removed, the diagonal always kept.
+
+    With `past_length` P (cached decoding) the `seq_len` queries sit at positions P, …, P + seq_len − 1 and
+    the keys at 0, …, P + seq_len − 1; `key_padding_mask` then covers all P + seq_len keys.
+    """
+    if past_length:
+        key_positions = torch.arange(past_length + seq_len, device=device)
+        query_positions = torch.arange(past_length, past_length + seq_len, device=device)[:, None]
+        causal, diagonal = key_positions <= query_positions, key_positions == query_positions  # [query, key]
+    else:
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+        diagonal = None
     if key_padding_mask is None:
         return causal[None, None]
-    diagonal = torch.eye(seq_len, dtype=torch.bool, device=device)
+    if diagonal is None:
+        diagonal = torch.eye(seq_len, dtype=torch.bool, device=device)
     return (causal & key_padding_mask[:, None, None, :].to(device)) | diagonal
 
 
@@ -152,7 +187,7 @@ class PairwiseScoreMixer(ProjectedMixer):
 
     Subclasses give the two paths of the same function: `reference_attention` (explicit float32 L×L,
     also used whenever weights or scores are requested, so the returned map is the one applied) and
-    `fast_attention` (the training path).
+    `fast_attention` (the training path), plus `forward_cached`, the incremental-decoding path.
     """
 
     def reference_attention(
@@ -162,21 +197,42 @@ class PairwiseScoreMixer(ProjectedMixer):
         raise NotImplementedError
 
     def fast_attention(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        past_length: int = 0,
     ) -> torch.Tensor:
+        """`past_length` > 0: the queries are the last ones of the key sequence (cached decoding)."""
+        raise NotImplementedError
+
+    def forward_cached(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
+        """The same function as `forward`, for the new tokens only, reading and extending `inputs.layer_cache`."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
+        if inputs.layer_cache is not None:
+            return self.forward_cached(x, inputs)
         query, key, value = self.project_heads(x, inputs)
         query, key = self.rotate_queries_keys(query, key, inputs)  # [1|batch, heads|kv_heads, seq, head_dim]
         key = self.expand_key_value_heads(key)
         value = self.expand_key_value_heads(value)  # [batch, heads, seq, head_dim]
+        return self.attend(query, key, value, inputs)
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, inputs: MixerInputs, past_length: int = 0
+    ) -> MixerOutput:
+        """The map applied to `value` and merged: the reference path when asked for (or for weights/scores),
+        else the fast one. query: [1|batch, heads, new, d]; key/value: [.., past_length + new, d]."""
         if inputs.reference or inputs.need_weights or inputs.need_scores:
-            allowed = allowed_positions(x.shape[1], inputs.key_padding_mask, x.device)
+            allowed = allowed_positions(query.shape[2], inputs.key_padding_mask, value.device, past_length)
             output, weights, scores = self.reference_attention(query, key, value, allowed)
             return MixerOutput(
                 self.merge_heads(output),
                 weights=weights if inputs.need_weights else None,
                 scores=masked_scores(scores, allowed) if inputs.need_scores else None,
             )
-        return MixerOutput(self.merge_heads(self.fast_attention(query, key, value, inputs.key_padding_mask)))
+        return MixerOutput(
+            self.merge_heads(self.fast_attention(query, key, value, inputs.key_padding_mask, past_length))
+        )

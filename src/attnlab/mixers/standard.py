@@ -6,6 +6,13 @@ The same computation serves the variants that only change where q and k come fro
 `rndembqk`, `fixedseqqk`): both attention functions accept queries/keys of batch 1 — one input-independent
 map per head, shared by the whole batch — and then compute that map once, not once per sequence.
 
+Cached decoding (`forward_cached`): `standard` and `staticembqk` keep a KV cache (transformers'
+`DynamicLayer`) of keys after QK-norm and RoPE and of values, [batch, kv_heads, seen, head_dim]; a step
+appends the new keys/values and attends over all of them, O(seen·d) per token (spec §8: decode
+6Bd² + 4BLd per layer). `rndembqk`/`fixedseqqk` read their queries and keys from the layer's shadow
+tables (computed once per cache by the model, see `attnlab.cache.SharedMapLayer`) and cache only the
+values; the batch-1 keys keep the map shared by the batch during decoding too.
+
 Layout: [batch, heads, seq, head_dim].
 """
 
@@ -14,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import PairwiseScoreMixer, allowed_positions
+from ..cache import SharedMapLayer
+from .base import MixerInputs, MixerOutput, PairwiseScoreMixer, allowed_positions
 
 
 def reference_softmax_attention(
@@ -33,13 +41,20 @@ def reference_softmax_attention(
 
 
 def fast_softmax_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    past_length: int = 0,
 ) -> torch.Tensor:
     """Fused causal softmax attention (`scaled_dot_product_attention`); the same function as the reference.
 
     When query/key have batch 1 and value has batch B (a map shared by the batch) and there is no padding,
     the batch is folded into the value width, so the map is computed once: cost 2L²d + 2BL²d (spec §8).
+    With `past_length` > 0 the queries are the last ones of the key sequence (cached decoding).
     """
+    if past_length:
+        return decode_softmax_attention(query, key, value, key_padding_mask, past_length)
     batch, heads, seq_len, value_dim = value.shape
     shared_map = query.shape[0] == 1 and batch > 1
     if key_padding_mask is None and shared_map:
@@ -53,6 +68,28 @@ def fast_softmax_attention(
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed)
 
 
+def decode_softmax_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None, past_length: int
+) -> torch.Tensor:
+    """Softmax attention of `new` queries (positions past_length…) over all cached keys, fused.
+
+    query: [1|batch, heads, new, d]; key: [1|batch, heads, past_length + new, d]; value: [batch, heads, .., d];
+    `key_padding_mask` covers all past_length + new keys. A batch-1 query/key (shared map) is folded as in
+    `fast_softmax_attention`.
+    """
+    batch, heads, key_len, value_dim = value.shape
+    query_len = query.shape[2]
+    allowed = None  # a single new query sees every key: no mask needed
+    if key_padding_mask is not None or query_len > 1:
+        allowed = allowed_positions(query_len, key_padding_mask, value.device, past_length)  # [B|1, 1, new, keys]
+    if key_padding_mask is None and query.shape[0] == 1 and batch > 1:
+        folded = value.permute(1, 2, 0, 3).reshape(1, heads, key_len, batch * value_dim)  # [1, heads, keys, B·d]
+        output = F.scaled_dot_product_attention(query, key, folded, attn_mask=allowed)
+        return output.reshape(heads, query_len, batch, value_dim).permute(2, 0, 1, 3)  # [batch, heads, new, d]
+    query, key = query.expand(batch, -1, -1, -1), key.expand(batch, -1, -1, -1)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed)
+
+
 class StandardAttention(PairwiseScoreMixer):
     """Softmax attention over RoPE'd dot products (spec §3, `standard`)."""
 
@@ -61,5 +98,20 @@ class StandardAttention(PairwiseScoreMixer):
     def reference_attention(self, query, key, value, allowed):
         return reference_softmax_attention(query, key, value, allowed, self.scaling)
 
-    def fast_attention(self, query, key, value, key_padding_mask):
-        return fast_softmax_attention(query, key, value, key_padding_mask)
+    def fast_attention(self, query, key, value, key_padding_mask, past_length=0):
+        return fast_softmax_attention(query, key, value, key_padding_mask, past_length)
+
+    def forward_cached(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
+        """KV-cached attention for the new tokens (module docstring); the prefill is the uncached computation."""
+        cache, past_length, new = inputs.layer_cache, inputs.past_length, x.shape[1]
+        if isinstance(cache, SharedMapLayer):  # rndembqk / fixedseqqk: q, k from the precomputed shadow tables
+            assert cache.query_table is not None, "the model fills the shadow tables before the first step"
+            query = cache.query_table[:, :, past_length : past_length + new]  # [1, heads, new, head_dim]
+            key = cache.key_table[:, :, past_length : past_length + new]  # [1, kv_heads, new, head_dim]
+            value = self.project_values(x)
+        else:
+            query, key, value = self.project_heads(x, inputs)
+            query, key = self.rotate_queries_keys(query, key, inputs)
+        key, value = cache.update(key, value)  # every key/value so far: [.., past_length + new, head_dim]
+        key, value = self.expand_key_value_heads(key), self.expand_key_value_heads(value)
+        return self.attend(query, key, value, inputs, past_length)

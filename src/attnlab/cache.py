@@ -1,0 +1,195 @@
+"""`AttnLabCache`: the incremental-decoding state of an attnlab model, one entry per layer (spec §3, §8).
+
+A transformers `Cache` whose `layers[i]` is chosen by layer i's mixer, so a hybrid pattern keeps each
+layer's own kind of state in one object:
+
+  standard, staticembqk  `DynamicLayer` (transformers' KV cache): keys after QK-norm and RoPE, exactly as
+                         the mixer uses them, and values, [batch, kv_heads, seen, head_dim]. Grows by one
+                         position per token; a decode step costs O(seen·d) per token (spec §8: 6Bd² + 4BLd).
+  rndembqk, fixedseqqk   `SharedMapLayer`: the layer's RoPE'd shadow queries/keys for all L_max positions
+                         ([1, heads|kv_heads, L_max, head_dim], batch 1: the map is input-independent and
+                         shared by the batch), computed ONCE per cache (= once per `generate` call, from one
+                         batch-1 shadow-stream pass at length L_max) by `AttnLabModel`, plus the keys seen so
+                         far as a batch-1 view of that table and the values [batch, kv_heads, seen, head_dim]
+                         (spec §8: 2(B+1)Ld bytes at half precision). A fresh cache recomputes the tables, so
+                         new weights never meet stale maps.
+  approximate            `RecurrentStateLayer` with the order-0/1/2 sums of the Taylor feature map (paper
+                         Appx. I): Σv [B,H,1,d_h], Σ1 [B,H,1,1], Σk̃vᵀ [B,H,d_h,d_h], Σk̃ [B,H,d_h,1],
+                         Σ(k̃⊗k̃)vᵀ [B,H,d_h²,d_h], Σ(k̃⊗k̃) [B,H,d_h²,1]; constant size, O(d_h³) per head and
+                         token. (Spec §8's `6Bd + 4Bd²/h` bytes counts the order-0/1 sums only; the order-2
+                         sums dominate: B·h·d_h²·(d_h + 1) entries.)
+  nonapprox              `RecurrentStateLayer` with the running max m [B,H], Σexp(s_j − m)·v_j [B,H,d_h] and
+                         Σexp(s_j − m) [B,H] (paper eq. 18), float32; constant size (spec §8: 2Bd + 4Bh bytes),
+                         O(d) per token, rescaled when m grows so long contexts never overflow.
+  mlp                    transformers' `DummyLayer`: the mixer is position-wise, there is nothing to keep.
+
+`get_seq_length()` is the number of tokens the cache has absorbed (all layers see the same tokens; a
+recurrent layer has no length of its own). Recurrent states cannot be rolled back, so `crop` (assisted
+decoding) is refused for models with approximate/nonapprox layers; beam search (`reorder_cache`) works.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import Cache, DummyLayer, DynamicLayer, LinearAttentionCacheLayerMixin
+
+if TYPE_CHECKING:
+    from .config import AttnLabConfig
+
+TAYLOR_STATE_NAMES = ("value_sum", "key_count", "key_value_sum", "key_sum", "key2_value_sum", "key2_sum")
+PREFIX_SOFTMAX_STATE_NAMES = ("running_max", "weighted_sum", "weight_sum")
+
+
+class SharedMapLayer(DynamicLayer):
+    """Values per sequence, keys (and queries) shared by the batch: the cache of `rndembqk`/`fixedseqqk`.
+
+    `keys` is [1, kv_heads, seen, head_dim] (batch 1, from the precomputed table), `values`
+    [batch, kv_heads, seen, head_dim]; batch operations therefore touch the values only.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.query_table: torch.Tensor | None = None  # [1, heads, L_max, head_dim], RoPE'd
+        self.key_table: torch.Tensor | None = None  # [1, kv_heads, L_max, head_dim], RoPE'd
+
+    def set_tables(self, query_table: torch.Tensor, key_table: torch.Tensor) -> None:
+        self.query_table, self.key_table = query_table, key_table
+
+    def reset(self) -> None:
+        super().reset()
+        self.query_table = self.key_table = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            self.values = self.values.index_select(0, beam_idx.to(self.values.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self.values = self.values[indices, ...]
+
+
+class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
+    """A fixed-size recurrent state: named tensors whose shapes do not depend on the tokens seen.
+
+    Built on transformers' linear-attention cache layer (`recurrent_states[i]`, `has_previous_state[i]`),
+    one state index per name; there are no convolution states.
+    """
+
+    is_compileable = False  # generate must not build 4-D masks for us (see AttnLabCache.is_compileable)
+
+    def __init__(self, state_names: tuple[str, ...]) -> None:
+        super().__init__(number_of_states=len(state_names))
+        self.state_names = state_names
+
+    def lazy_initialization(self, conv_states=None, recurrent_states=None, state_idx: int = 0) -> None:
+        if recurrent_states is not None:
+            self.dtype, self.device = recurrent_states.dtype, recurrent_states.device
+            self.is_recurrent_states_initialized[state_idx] = True
+
+    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0) -> torch.Tensor:
+        raise NotImplementedError("attnlab mixers keep no convolution state")
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        if not self.is_recurrent_states_initialized[state_idx]:
+            self.lazy_initialization(recurrent_states=recurrent_states, state_idx=state_idx)
+        self.recurrent_states[state_idx] = recurrent_states
+        self.has_previous_state[state_idx] = True
+        return recurrent_states
+
+    def get_states(self) -> tuple[torch.Tensor, ...] | None:
+        """The state tensors in `state_names` order, or None before the first (prefill) step."""
+        if not all(self.has_previous_state.values()):
+            return None
+        return tuple(self.recurrent_states[i] for i in range(self.number_of_states))
+
+    def set_states(self, states: tuple[torch.Tensor, ...]) -> None:
+        for index, state in enumerate(states):
+            self.update_recurrent_state(state, index)
+
+    def named_states(self) -> dict[str, torch.Tensor]:
+        states = self.get_states() or ()
+        return dict(zip(self.state_names, states))
+
+    def reset(self) -> None:
+        for index in range(self.number_of_states):
+            self.recurrent_states[index] = None
+            self.is_recurrent_states_initialized[index] = False
+            self.has_previous_state[index] = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda state: state.index_select(0, beam_idx.to(state.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda state: state.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda state: state[indices, ...])
+
+    def _map_batch(self, function) -> None:
+        for index in range(self.number_of_states):
+            if self.has_previous_state[index]:
+                self.recurrent_states[index] = function(self.recurrent_states[index])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove != 0:
+            raise ValueError(
+                "a recurrent (approximate/nonapprox) decode state cannot be rolled back; "
+                "decode without assisted generation, or with use_cache=False"
+            )
+
+
+def layer_cache_for(mixer_type: str):
+    """The per-layer cache object for a mixer name (see the module docstring)."""
+    if mixer_type in ("standard", "staticembqk"):
+        return DynamicLayer()
+    if mixer_type in ("rndembqk", "fixedseqqk"):
+        return SharedMapLayer()
+    if mixer_type == "approximate":
+        return RecurrentStateLayer(TAYLOR_STATE_NAMES)
+    if mixer_type == "nonapprox":
+        return RecurrentStateLayer(PREFIX_SOFTMAX_STATE_NAMES)
+    if mixer_type == "mlp":
+        return DummyLayer()
+    raise ValueError(f"no decode cache is defined for mixer {mixer_type!r}")
+
+
+class AttnLabCache(Cache):
+    """One decode state per layer, of the kind its mixer needs (module docstring); built by `generate`."""
+
+    def __init__(self, config: AttnLabConfig) -> None:
+        super().__init__(layers=[layer_cache_for(name) for name in config.mixer_types])
+        self.mixer_types = list(config.mixer_types)
+        self.seen_tokens = 0  # tokens absorbed so far (the position of the next token)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        super().crop(tokens_to_remove)
+        self.seen_tokens -= abs(tokens_to_remove)
+
+    @property
+    def is_compileable(self) -> bool:
+        """False: attnlab layers read the 2-D padding mask, so generate must not build 4-D masks."""
+        return False
+
+    def state_shapes(self, layer_idx: int) -> dict[str, tuple[int, ...]]:
+        """The shapes of what layer `layer_idx` keeps (empty for `mlp`, or before the first step)."""
+        layer = self.layers[layer_idx]
+        if isinstance(layer, RecurrentStateLayer):
+            return {name: tuple(state.shape) for name, state in layer.named_states().items()}
+        if isinstance(layer, DynamicLayer) and layer.is_initialized:
+            return {"keys": tuple(layer.keys.shape), "values": tuple(layer.values.shape)}
+        return {}

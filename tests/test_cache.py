@@ -1,0 +1,211 @@
+"""Incremental decoding: every mixer's cache gives the function that full recomputation gives.
+
+Each test compares cached decoding (`AttnLabCache`, one state per layer) with `use_cache=False`, which
+re-runs the whole sequence every step, on tokens and on the logits of every step.
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from attnlab import MIXER_NAMES, AttnLabForCausalLM
+from attnlab.cache import AttnLabCache, RecurrentStateLayer, SharedMapLayer
+from attnlab.model import AttnLabModel
+
+from .conftest import tiny_config
+
+PATTERNS = [f"uniform:{mixer}" for mixer in MIXER_NAMES] + [
+    ["standard", "nonapprox", "standard", "mlp"],
+    ["staticembqk", "approximate", "fixedseqqk", "rndembqk"],
+]
+
+
+def _model(layers, **overrides) -> AttnLabForCausalLM:
+    depth = len(layers) if isinstance(layers, list) else 2
+    # A wider initialisation than the default gives varied greedy continuations and logits of order 1.
+    options = {"layers": layers, "num_hidden_layers": depth, "initializer_range": 0.1}
+    options.update(overrides)
+    return AttnLabForCausalLM(tiny_config(**options)).eval()
+
+
+def _greedy(model, prompt, use_cache, max_new_tokens=12, **kwargs):
+    return model.generate(
+        prompt,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        use_cache=use_cache,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+
+
+def _assert_same_generation(cached, recomputed, atol=1e-5, rtol=0.0):
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert len(cached.logits) == len(recomputed.logits)
+    for step, (mine, expected) in enumerate(zip(cached.logits, recomputed.logits)):
+        assert torch.isfinite(mine).all(), step
+        torch.testing.assert_close(mine, expected, atol=atol, rtol=rtol, msg=f"decode step {step}")
+
+
+@pytest.mark.parametrize("layers", PATTERNS, ids=str)
+def test_cached_greedy_generation_equals_recomputation(layers):
+    overrides = {"qk_norm": True, "num_key_value_heads": 2} if "staticembqk" in layers else {}
+    model = _model(layers, **overrides)
+    prompt = torch.randint(1, 61, (2, 6))
+    cached = _greedy(model, prompt, use_cache=True)
+    assert isinstance(cached.past_key_values, AttnLabCache)
+    assert cached.past_key_values.get_seq_length() == 6 + 12 - 1  # the last token is never fed back
+    _assert_same_generation(cached, _greedy(model, prompt, use_cache=False))
+
+
+def test_generate_uses_the_cache_by_default_and_feeds_one_token_per_step():
+    model = _model(["standard", "approximate"])
+    lengths = []
+    hook = model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        output = model.generate(
+            torch.randint(1, 61, (2, 5)),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+        )
+    finally:
+        hook.remove()
+    assert isinstance(output.past_key_values, AttnLabCache)
+    assert lengths == [5, 1, 1, 1]
+
+
+def test_beam_search_reorders_every_kind_of_state():
+    model = _model(["standard", "approximate", "nonapprox", "rndembqk"])
+    prompt = torch.randint(1, 61, (2, 5))
+    options = {"max_new_tokens": 8, "do_sample": False, "num_beams": 3, "num_return_sequences": 2, "pad_token_id": 0}
+    cached = model.generate(prompt, use_cache=True, **options)
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **options))
+
+
+def test_left_padded_hybrid_generation_equals_recomputation():
+    model = _model(["standard", "approximate", "nonapprox", "mlp"])
+    prompt = torch.randint(1, 61, (2, 7))
+    attention_mask = torch.ones_like(prompt)
+    attention_mask[0, :3] = 0  # left padding
+    prompt[0, :3] = 0
+    cached = _greedy(model, prompt, use_cache=True, attention_mask=attention_mask)
+    _assert_same_generation(cached, _greedy(model, prompt, use_cache=False, attention_mask=attention_mask))
+
+
+def test_long_context_nonapprox_decoding_stays_finite_where_naive_exponentials_overflow():
+    model = _model("uniform:nonapprox", max_position_embeddings=2048)
+    with torch.no_grad():  # scores s_j of order 10³: exp(s_j) overflows float32 (> 88.7)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(300)
+            layer.self_attn.k_proj.weight.mul_(300)
+    prompt = torch.randint(1, 61, (2, 1500))
+    with torch.no_grad():
+        scores = model(prompt, output_mixer_scores=True).mixer_scores
+    assert max(layer_scores.max().item() for layer_scores in scores) > 200
+    assert any(torch.isinf(torch.exp(layer_scores)).any() for layer_scores in scores)
+    cached = _greedy(model, prompt, use_cache=True, max_new_tokens=6)
+    _assert_same_generation(cached, _greedy(model, prompt, use_cache=False, max_new_tokens=6))
+    for state in cached.past_key_values.layers[0].get_states():
+        assert torch.isfinite(state).all()
+
+
+def test_recurrent_states_keep_their_size_while_the_kv_cache_grows():
+    model = _model(["standard", "approximate", "nonapprox", "mlp"])
+    prompt = torch.randint(1, 61, (2, 5))
+    with torch.no_grad():
+        output = model(prompt, use_cache=True)
+        cache = output.past_key_values
+        first_shapes = [cache.state_shapes(layer) for layer in range(4)]
+        sequence = prompt
+        for step in range(1, 9):
+            next_token = output.logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_token], dim=1)
+            output = model(next_token, past_key_values=cache)
+            assert output.past_key_values is cache
+            shapes = [cache.state_shapes(layer) for layer in range(4)]
+            assert shapes[0]["keys"] == shapes[0]["values"] == (2, 4, 5 + step, 8)  # one position per token
+            assert shapes[1] == first_shapes[1] and shapes[2] == first_shapes[2]  # constant-size state
+            assert shapes[3] == {}  # mlp: position-wise, nothing cached
+            expected = model(sequence, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(output.logits[:, -1], expected, atol=1e-5, rtol=0)
+    head_dim = 8
+    assert isinstance(cache.layers[1], RecurrentStateLayer) and isinstance(cache.layers[2], RecurrentStateLayer)
+    assert first_shapes[1]["key2_value_sum"] == (2, 4, head_dim**2, head_dim)
+    assert first_shapes[2] == {"running_max": (2, 4), "weighted_sum": (2, 4, head_dim), "weight_sum": (2, 4)}
+
+
+def test_shadow_maps_are_computed_once_per_generate_call_and_equal_the_full_forward_maps():
+    model = _model(["rndembqk", "fixedseqqk"])
+    prompt = torch.randint(1, 61, (2, 5))
+    original = AttnLabModel._shadow_stream
+    with mock.patch.object(AttnLabModel, "_shadow_stream", autospec=True, side_effect=original) as shadow_stream:
+        cached = _greedy(model, prompt, use_cache=True, max_new_tokens=10)
+    assert shadow_stream.call_count == 2  # one batch-1 pass per shadow source, for the whole generate call
+    with mock.patch.object(AttnLabModel, "_shadow_stream", autospec=True, side_effect=original) as shadow_stream:
+        recomputed = _greedy(model, prompt, use_cache=False, max_new_tokens=10)
+    assert shadow_stream.call_count == 2 * 10  # recomputation: both streams at every step
+    _assert_same_generation(cached, recomputed)
+
+    cache, sequence = cached.past_key_values, cached.sequences
+    length = sequence.shape[1]
+    with torch.no_grad():
+        full_maps = model(sequence, output_attentions=True).attentions
+    for layer_idx in range(2):
+        layer_cache = cache.layers[layer_idx]
+        assert isinstance(layer_cache, SharedMapLayer)
+        assert layer_cache.query_table.shape == (1, 4, model.config.shadow_seq_len, 8)
+        query = layer_cache.query_table[:, :, :length]
+        key = layer_cache.key_table[:, :, :length]
+        scores = query @ key.transpose(-1, -2) / 8**0.5
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        shared_map = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)[0]  # [heads, L, L]
+        for row in range(2):  # one input-independent map, shared by the batch
+            torch.testing.assert_close(full_maps[layer_idx][row], shared_map, atol=1e-5, rtol=0)
+
+
+def test_a_new_cache_sees_new_weights():
+    model = _model("uniform:rndembqk")
+    prompt = torch.randint(1, 61, (1, 4))
+    _greedy(model, prompt, use_cache=True, max_new_tokens=3)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(3)
+    _assert_same_generation(_greedy(model, prompt, use_cache=True), _greedy(model, prompt, use_cache=False))
+
+
+def test_cached_decode_of_kv_mixers_returns_the_last_rows_of_the_recomputed_maps():
+    model = _model(["standard", "rndembqk"])
+    prompt = torch.randint(1, 61, (2, 7))
+    with torch.no_grad():
+        cache = model(prompt[:, :5], use_cache=True).past_key_values
+        cached = model(prompt[:, 5:], past_key_values=cache, output_attentions=True, mixer_implementation="reference")
+        full = model(prompt, output_attentions=True)
+    for layer_idx in range(2):  # two new queries at once: [batch, heads, 2, 7]
+        torch.testing.assert_close(
+            cached.attentions[layer_idx], full.attentions[layer_idx][:, :, 5:], atol=1e-5, rtol=0
+        )
+    torch.testing.assert_close(cached.logits, full.logits[:, 5:], atol=1e-5, rtol=0)
+
+
+def test_wrong_caches_are_refused_with_a_useful_message():
+    model = _model(["standard", "nonapprox"])
+    prompt = torch.randint(1, 61, (1, 4))
+    with pytest.raises(ValueError, match="AttnLabCache"):
+        model(prompt, past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="AttnLabCache"):
+        model.generate(prompt, max_new_tokens=2, past_key_values=DynamicCache(), pad_token_id=0)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        model.generate(prompt, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="use_cache=False"):
+            model(prompt[:, :1], past_key_values=cache, output_attentions=True)
