@@ -215,6 +215,42 @@ def command_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchSettings, run_bench
+
+    settings = BenchSettings(
+        preset=args.preset,
+        model_overrides=model_overrides(args),
+        **{name: getattr(args, name) for name in BENCH_OPTIONS if getattr(args, name) is not None},
+        against_hf=args.against_hf,
+    )
+    run_bench(settings, args.out)
+    print(f"attnlab: benchmark results in {args.out}/bench.json, bench.md and decode.png", file=sys.stderr)
+    return 0
+
+
+# `attnlab bench` options: field of BenchSettings → (type, help); each is the flag --field-name.
+BENCH_OPTIONS = {
+    "mixers": (lambda text: tuple(_name_list(text)), "comma-separated mixers (default: all seven)"),
+    "contexts": (lambda text: tuple(_int_list(text)), "context lengths for prefill/decode/cache (default 128,256,512,1024)"),
+    "sections": (lambda text: tuple(_name_list(text)), "comma-separated subset of train,prefill,decode,cache"),
+    "threads": (int, "torch intra-op threads (default: torch's)"),
+    "repeats": (int, "timed runs per measurement (train: turns per model; default 3)"),
+    "warmup": (int, "untimed runs (train: steps) first (default 1)"),
+    "train_batch_size": (int, "training sequences per step (default 16)"),
+    "train_seq_len": (int, "training tokens per sequence (default 128)"),
+    "train_steps": (int, "timed training steps per turn (default 2)"),
+    "decode_batch_size": (int, "sequences in the prefill/decode runs (default 1)"),
+    "decode_tokens": (int, "cached single-token steps timed per run (default 16)"),
+    "device": (str, "auto | cpu | cuda | cuda:N"),
+    "seed": (int, "seed of weights and tokens (default 0)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="attnlab", description="Which parts of attention matter? (Deconstructing Attention, arXiv 2510.11602)"
@@ -309,6 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--heatmap-model", type=int, default=0, help="index of the model whose mean maps are drawn")
     analyze.set_defaults(handler=command_analyze)
+
+    bench = subcommands.add_parser(
+        "bench",
+        help="measured training, prefill, decode and cache costs of the mixers beside their formulas (spec §8)",
+        description="Training tokens/s (with --against-hf: beside transformers' Qwen2ForCausalLM, same weights, "
+        "same process) and MFU; prefill time and memory, decode time per token and cache bytes per context "
+        "length, with the analytic costs. Writes OUT/bench.json, OUT/bench.md and OUT/decode.png.",
+    )
+    bench.add_argument("--preset", default="cpu-tiny", choices=presets.preset_names())
+    bench.add_argument("--out", required=True, help="output folder")
+    bench.add_argument("--against-hf", action="store_true", help="also train transformers' Qwen2ForCausalLM (sdpa)")
+    for name, (kind, help_text) in BENCH_OPTIONS.items():
+        bench.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
+    add_model_arguments(bench)
+    bench.set_defaults(handler=command_bench)
     return parser
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import MIXER_NAMES
 from .approximate import TaylorAttention
-from .base import Mixer, MixerInputs, MixerOutput
+from .base import Mixer, MixerCost, MixerInputs, MixerOutput
 from .fixedseqqk import FixedSequenceQK
 from .mlp import TokenwiseMLP
 from .nonapprox import SelfGatedPrefixSoftmax
@@ -35,4 +35,9 @@ def build_mixer(config, layer_idx: int) -> Mixer:
     return MIXERS[name](config, layer_idx)
 
 
-__all__ = ["MIXERS", "Mixer", "MixerInputs", "MixerOutput", "build_mixer"]
+def mixer_cost(config, layer_idx: int, batch: int, seq_len: int, dtype_bytes: int = 2, cached: bool = True) -> MixerCost:
+    """The analytic cost of layer `layer_idx` of `config` (`Mixer.cost` of its mixer; no model is built)."""
+    return MIXERS[config.mixer_types[layer_idx]].cost(config, batch, seq_len, dtype_bytes, cached)
+
+
+__all__ = ["MIXERS", "Mixer", "MixerCost", "MixerInputs", "MixerOutput", "build_mixer", "mixer_cost"]

@@ -20,13 +20,21 @@ Cached decoding keeps exactly those six running sums (`attnlab.cache.RecurrentSt
 compute dtype. Their size does not depend on the context, and a step costs O(d_h³) per head and token
 whatever the context length (the order-2 term dominates; spec §8 quotes 10Bd² for decode, which counts
 the order-0/1 terms). The prefill is the chunked computation that also folds its last chunk.
+
+Analytic cost (`cost`), per batch row and head, chunks c_1, c_2, … of `resolved_chunk_size`:
+within a chunk 4c²d_h (scores and weights·v, dense); reading the prefix (every chunk but the first)
+2c·(d_h³ + 2d_h² + d_h); folding a chunk into the sums 2c·(d_h³ + d_h²) (every chunk in a cached prefill,
+all but the last in the training forward); plus the projections (8BLd² for multi-head attention).
+decode = 8Bd² + B·h·(4d_h³ + 6d_h² + 6d_h); cache = B·h·(d_h + 1)·(d_h² + d_h + 1) entries of the
+compute dtype (the six sums above). Spec §8's 14BLd², 10Bd² and 6Bd + 4Bd²/h bytes count the order-0/1
+terms only (and no W_o): the order-2 sums, d_h³ per head, dominate for any d_h > h.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import MixerInputs, MixerOutput, PairwiseScoreMixer, allowed_positions
+from .base import MixerCost, MixerInputs, MixerOutput, PairwiseScoreMixer, allowed_positions, projection_flops
 
 
 def taylor_exp(scores: torch.Tensor) -> torch.Tensor:
@@ -131,6 +139,23 @@ class TaylorAttention(PairwiseScoreMixer):
     @property
     def resolved_chunk_size(self) -> int:
         return self.chunk_size or 2 * self.head_dim**2
+
+    @classmethod
+    def cost(cls, config, batch, seq_len, dtype_bytes=2, cached=True):
+        """Module docstring: the chunked prefill, the recurrent step and the six running sums."""
+        heads, head_dim = config.num_attention_heads, config.head_dim_resolved
+        chunk = cls.chunk_size or 2 * head_dim**2
+        chunks = [min(chunk, seq_len - start) for start in range(0, seq_len, chunk)]
+        folded = chunks if cached else chunks[:-1]
+        read = 2 * (head_dim**3 + 2 * head_dim**2 + head_dim)  # per query: φ(q̃)·Σφ(k̃)v and φ(q̃)·Σφ(k̃)
+        fold = 2 * (head_dim**3 + head_dim**2)  # per key: k̃vᵀ and (k̃⊗k̃)vᵀ
+        per_head = sum(4 * c * c * head_dim for c in chunks) + read * sum(chunks[1:]) + fold * sum(folded)
+        step = 4 * head_dim + read + fold  # a chunk of one token with a prefix, folded
+        return MixerCost(
+            prefill_flops=projection_flops(config, batch * seq_len) + batch * heads * per_head,
+            decode_flops_per_token=projection_flops(config, batch) + batch * heads * step,
+            cache_bytes=batch * heads * (head_dim + 1) * (head_dim**2 + head_dim + 1) * dtype_bytes,
+        )
 
     def forward_cached(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
         """One step of the recurrent form (module docstring): O(1) state, the same function as `forward`.

@@ -47,6 +47,31 @@ class MixerInputs:
         return None if bool(new.all()) else new
 
 
+@dataclass(frozen=True)
+class MixerCost:
+    """Analytic cost of one mixer layer (spec §8), a pure function of the config, batch and length.
+
+    FLOPs count the multiply-adds of matrix products and dot products as 2 each: the projections
+    (W_q, W_k, W_v, W_o, or the mlp mixer's three matrices; biases not counted) and the mixing itself.
+    Element-wise work (softmax/exp, SiLU, RoPE, norms, masks, running-max rescales) and plain sums are
+    left out. Pairwise maps are counted dense (L×L, as spec §8 does and as the reference and the chunked
+    paths compute them; a causal fused kernel may skip up to half).
+    """
+
+    prefill_flops: int  # one forward over `seq_len` tokens (building the decode cache when `cached`)
+    decode_flops_per_token: int  # one cached step that adds a token after `seq_len` cached ones
+    cache_bytes: int  # what the layer's `AttnLabCache` entry holds after a prefill of `seq_len` tokens
+    precompute_flops: int = 0  # once per model/cache, independent of batch and input (shadow Q/K tables)
+
+
+def projection_flops(config: AttnLabConfig, tokens: int, qk_tokens: int | None = None) -> int:
+    """W_q, W_k on `qk_tokens` (default: `tokens`) rows, W_v and W_o on `tokens` rows (2 per multiply-add)."""
+    d, head_dim = config.hidden_size, config.head_dim_resolved
+    q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    qk_tokens = tokens if qk_tokens is None else qk_tokens
+    return 2 * qk_tokens * d * (q_width + kv_width) + 2 * tokens * d * (kv_width + q_width)
+
+
 @dataclass
 class MixerOutput:
     hidden_states: torch.Tensor  # [batch, seq, hidden]
@@ -77,6 +102,19 @@ class Mixer(nn.Module):
         self.scaling = self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
+        raise NotImplementedError
+
+    @classmethod
+    def cost(
+        cls, config: AttnLabConfig, batch: int, seq_len: int, dtype_bytes: int = 2, cached: bool = True
+    ) -> MixerCost:
+        """Analytic cost of one layer of this mixer (`MixerCost`; spec §8, corrected where noted per mixer).
+
+        `seq_len` is the context L: the prefill length, and the number of cached tokens before the decode
+        step. `dtype_bytes` is the compute dtype's size (2 = half precision, as spec §8 quotes; 4 = fp32).
+        `cached=True` counts the prefill that also builds the decode cache (generation); `cached=False`
+        the plain forward of training.
+        """
         raise NotImplementedError
 
 

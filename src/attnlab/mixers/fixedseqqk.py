@@ -7,9 +7,14 @@ corpus gets ids drawn uniformly from the vocabulary with `config.fixed_sequence_
 `rndembqk`, maps are indexed by position in the input: pad batches on the right.
 """
 
-from .standard import StandardAttention
+from .standard import StandardAttention, shared_map_cost
 
 
 class FixedSequenceQK(StandardAttention):
     name = "fixedseqqk"
     qk_source = "shadow_tokens"
+
+    @classmethod
+    def cost(cls, config, batch, seq_len, dtype_bytes=2, cached=True):
+        """Maps shared by the batch, Q/K tables precomputed once (`standard.shared_map_cost`)."""
+        return shared_map_cost(config, batch, seq_len, dtype_bytes, cached)

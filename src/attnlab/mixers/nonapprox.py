@@ -15,6 +15,13 @@ Cached decoding keeps the chunked path's carry as the layer's recurrent state
 and Σ_j exp(s_j − m) [B,H]. A step rescales both sums by exp(m_old − m_new) when the max grows, so
 nothing overflows however large the scores; the state has constant size (spec §8: 2Bd + 4Bh bytes) and
 a step costs O(d) per token, independent of the context (spec §8: 6Bd² with the projections).
+
+Analytic cost (`cost`), with h heads of width d_h and chunks c of `chunk_size`: prefill = projections
+(8BLd² for multi-head attention) + B·h·d_h·(4L + 2·Σc²) (the scores s_j, the folds Σexp·v, and the
+chunk×chunk weights applied to v); decode = 8Bd² + 6B·h·d_h; cache = 4·B·h·(d_h + 2) bytes (three float32
+tensors whatever the compute dtype). Spec §8 writes 6BLd² and 6Bd² (no W_o) and 2Bd + 4Bh bytes (the
+weighted sum at half precision and one float32 per head); attnlab keeps the sum, the max and the
+normaliser, all in float32.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import MixerInputs, MixerOutput, ProjectedMixer, allowed_positions
+from .base import MixerCost, MixerInputs, MixerOutput, ProjectedMixer, allowed_positions, projection_flops
 
 PrefixSoftmaxState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # running max, Σ exp·v, Σ exp
 
@@ -108,6 +115,19 @@ class SelfGatedPrefixSoftmax(ProjectedMixer):
 
     name = "nonapprox"
     chunk_size: int = 64  # fast path: positions per chunk
+
+    @classmethod
+    def cost(cls, config, batch, seq_len, dtype_bytes=2, cached=True):
+        """Module docstring; the state is float32, so `dtype_bytes` does not change the cache."""
+        heads, head_dim = config.num_attention_heads, config.head_dim_resolved
+        full, rest = divmod(seq_len, cls.chunk_size)
+        chunk_squares = full * cls.chunk_size**2 + rest**2
+        return MixerCost(
+            prefill_flops=projection_flops(config, batch * seq_len)
+            + batch * heads * head_dim * (4 * seq_len + 2 * chunk_squares),
+            decode_flops_per_token=projection_flops(config, batch) + 6 * batch * heads * head_dim,
+            cache_bytes=4 * batch * heads * (head_dim + 2),
+        )
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
         query, key, value = self.project_heads(x, inputs)

@@ -11,9 +11,14 @@ The map is indexed by position in the input (0..L−1), not by `position_ids`: i
 the real tokens of a short row see a shifted block of the map. Pad on the right for these mixers.
 """
 
-from .standard import StandardAttention
+from .standard import StandardAttention, shared_map_cost
 
 
 class RandomEmbeddingQK(StandardAttention):
     name = "rndembqk"
     qk_source = "shadow_noise"
+
+    @classmethod
+    def cost(cls, config, batch, seq_len, dtype_bytes=2, cached=True):
+        """Maps shared by the batch, Q/K tables precomputed once (`standard.shared_map_cost`)."""
+        return shared_map_cost(config, batch, seq_len, dtype_bytes, cached)

@@ -13,6 +13,12 @@ appends the new keys/values and attends over all of them, O(seen·d) per token (
 tables (computed once per cache by the model, see `attnlab.cache.SharedMapLayer`) and cache only the
 values; the batch-1 keys keep the map shared by the batch during decoding too.
 
+Analytic cost (`cost`, spec §8) per layer, batch B, context L, h heads of width d_h, KV width d_kv:
+prefill = projections (W_q, W_k, W_v, W_o: 8BLd² for multi-head attention) + 4BhL²d_h (QKᵀ and AV, dense);
+decode = projections for one token (8Bd²) + 4Bh(L + 1)d_h (the new token attends over L cached keys and
+itself); cache = keys + values = 2·B·L·d_kv·bytes. Spec §8 writes 6BLd² and 6Bd²: it leaves out W_o.
+`rndembqk`/`fixedseqqk` (`shared_map_cost`): W_q, W_k run once on the shadow rows, not per sequence.
+
 Layout: [batch, heads, seq, head_dim].
 """
 
@@ -22,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import SharedMapLayer
-from .base import MixerInputs, MixerOutput, PairwiseScoreMixer, allowed_positions
+from .base import MixerCost, MixerInputs, MixerOutput, PairwiseScoreMixer, allowed_positions, projection_flops
 
 
 def reference_softmax_attention(
@@ -90,10 +96,45 @@ def decode_softmax_attention(
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed)
 
 
+def shared_map_cost(config, batch: int, seq_len: int, dtype_bytes: int = 2, cached: bool = True) -> MixerCost:
+    """Cost of a layer whose map is input-independent (`rndembqk`, `fixedseqqk`; spec §8, corrected).
+
+    precompute: W_q, W_k on the L_max shadow rows, once per model/cache (the shadow stream through the
+    other layers is their cost at batch 1, not this mixer's). prefill: W_v, W_o per sequence, the map
+    QKᵀ once (2hL²d_h) and AV per sequence (2BhL²d_h); the plain training forward (`cached=False`) also
+    projects the batch-1 shadow rows (2Ld·(d_q + d_kv)). decode: W_v, W_o for one token and
+    2h(L + 1)d_h·(1 + B). cache: the two RoPE'd tables (L_max·(d_q + d_kv)), the batch-1 keys seen so far
+    (L·d_kv) and the values (B·L·d_kv). Spec §8's 2(B+1)Ld bytes is the keys + values; it omits the
+    tables, and its prefill 6BLd² projects q and k per sequence, which attnlab does not.
+    """
+    heads, head_dim = config.num_attention_heads, config.head_dim_resolved
+    q_width, kv_width = heads * head_dim, config.num_key_value_heads * head_dim
+    table_rows = config.shadow_seq_len
+    return MixerCost(
+        prefill_flops=projection_flops(config, batch * seq_len, qk_tokens=0 if cached else seq_len)
+        + 2 * heads * seq_len**2 * head_dim * (1 + batch),
+        decode_flops_per_token=projection_flops(config, batch, qk_tokens=0)
+        + 2 * heads * (seq_len + 1) * head_dim * (1 + batch),
+        cache_bytes=(table_rows * (q_width + kv_width) + (batch + 1) * seq_len * kv_width) * dtype_bytes,
+        precompute_flops=2 * table_rows * config.hidden_size * (q_width + kv_width),
+    )
+
+
 class StandardAttention(PairwiseScoreMixer):
     """Softmax attention over RoPE'd dot products (spec §3, `standard`)."""
 
     name = "standard"
+
+    @classmethod
+    def cost(cls, config, batch, seq_len, dtype_bytes=2, cached=True):
+        """Module docstring: 8BLd² + 4BhL²d_h prefill, 8Bd² + 4Bh(L+1)d_h decode, 2BLd_kv values of cache."""
+        heads, head_dim = config.num_attention_heads, config.head_dim_resolved
+        kv_width = config.num_key_value_heads * head_dim
+        return MixerCost(
+            prefill_flops=projection_flops(config, batch * seq_len) + 4 * batch * heads * seq_len**2 * head_dim,
+            decode_flops_per_token=projection_flops(config, batch) + 4 * batch * heads * (seq_len + 1) * head_dim,
+            cache_bytes=2 * batch * seq_len * kv_width * dtype_bytes,
+        )
 
     def reference_attention(self, query, key, value, allowed):
         return reference_softmax_attention(query, key, value, allowed, self.scaling)

@@ -1,0 +1,576 @@
+"""`attnlab bench`: measured costs of the seven mixers beside their analytic ones (spec §8, issue 6).
+
+    results = run_bench(BenchSettings(preset="cpu-tiny", against_hf=True), "bench")
+
+writes `bench/bench.json`, `bench/bench.md` and `bench/decode.png`. Four sections, each optional:
+
+  train    tokens/s of a full optimizer step as the trainer takes it (fused loss, backward, clip, AdamW),
+           one `uniform:<mixer>` model per mixer, and with `against_hf` transformers' `Qwen2ForCausalLM`
+           (sdpa) holding the standard model's weights; all models take turns in the same process, and
+           model FLOPs utilisation is taken against a square fp32 matmul timed in the same run.
+  prefill  seconds (and peak memory) of the cached forward over a context of L tokens — what `generate`
+           runs first. rndembqk/fixedseqqk get their shadow Q/K tables before the clock starts (they are
+           input-independent, computed once per model); their cost is reported separately.
+  decode   seconds per generated token at context L: after the prefill, `decode_tokens` single-token
+           cached steps (fixed teacher-forced tokens), timed together, divided by their number.
+  cache    bytes per layer held by the `AttnLabCache` after the prefill, beside `Mixer.cost`'s formula.
+
+Every measurement takes `warmup` untimed runs, then `repeats` timed ones; the median is reported with
+the min and max. Seeds are fixed; torch version, thread count and device are recorded. Benchmarks are
+run by hand, never timed in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from torch.utils import _pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .cache import AttnLabCache, RecurrentStateLayer
+from .config import MIXER_NAMES, AttnLabConfig
+from .mixers import MIXERS
+from .model import AttnLabForCausalLM
+from .presets import model_options
+from .runconfig import write_text_atomic
+
+SECTIONS = ("train", "prefill", "decode", "cache")
+DTYPE = torch.float32  # the bench runs in fp32: the formulas get dtype_bytes = 4
+CPU_MEMORY_METHOD = (
+    "peak bytes of the tensors allocated during the prefill and alive at the same time, tracked per op "
+    "through a TorchDispatchMode (weights and pre-existing tensors excluded; kernel-internal workspaces "
+    "are not visible)"
+)
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated during the prefill, minus what was allocated before it"
+
+
+@dataclass
+class BenchSettings:
+    """What `run_bench` measures; every default finishes in a few minutes on 2 CPU cores for cpu-tiny."""
+
+    preset: str = "cpu-tiny"
+    model_overrides: dict = field(default_factory=dict)  # AttnLabConfig fields over the preset's
+    mixers: tuple[str, ...] = MIXER_NAMES
+    contexts: tuple[int, ...] = (128, 256, 512, 1024)  # prefill/decode/cache context lengths (8× range)
+    sections: tuple[str, ...] = SECTIONS
+    against_hf: bool = False  # also train transformers' Qwen2ForCausalLM (sdpa) with the same weights
+    threads: int | None = None  # torch intra-op threads (None: leave torch's setting)
+    repeats: int = 3  # timed runs (train: turns per model) per measurement
+    warmup: int = 1  # untimed runs (train: steps) before the timed ones
+    train_batch_size: int = 16
+    train_seq_len: int = 128
+    train_steps: int = 2  # timed optimizer steps per turn
+    decode_batch_size: int = 1
+    decode_tokens: int = 16  # cached single-token steps timed per run
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    matmul_size: int | None = None  # side of the square matmul for the peak (None: 2048 CPU, 8192 CUDA)
+
+    def check(self) -> None:
+        """`ValueError` with a fix for every setting a user can get wrong."""
+        unknown = [name for name in self.mixers if name not in MIXERS]
+        if unknown or not self.mixers:
+            raise ValueError(f"unknown or missing mixers {unknown}; valid mixers: {', '.join(MIXERS)}")
+        bad_sections = [name for name in self.sections if name not in SECTIONS]
+        if bad_sections or not self.sections:
+            raise ValueError(f"unknown or missing sections {bad_sections}; valid sections: {', '.join(SECTIONS)}")
+        if not self.contexts or min(self.contexts) < 1:
+            raise ValueError(f"--contexts must be positive integers, got {list(self.contexts)}")
+        for name in ("repeats", "train_batch_size", "train_seq_len", "train_steps", "decode_batch_size", "decode_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0 or (self.threads is not None and self.threads < 1):
+            raise ValueError("--warmup must be ≥ 0 and --threads ≥ 1")
+
+
+def bench_config(settings: BenchSettings, layers: str) -> tuple[AttnLabConfig, bool]:
+    """The model config of one variant, and whether max_position_embeddings (and with it shadow_seq_len,
+    the L_max of rndembqk/fixedseqqk) had to be raised above the preset's to cover the longest run."""
+    options = {**model_options(settings.preset), **settings.model_overrides, "layers": layers}
+    longest = max(settings.train_seq_len, max(settings.contexts) + settings.decode_tokens)
+    extended = options.get("max_position_embeddings", 2048) < longest
+    if extended:
+        options.update(max_position_embeddings=longest, shadow_seq_len=longest)
+    return AttnLabConfig(**options), extended
+
+
+def build_model(config: AttnLabConfig, device: torch.device, seed: int) -> AttnLabForCausalLM:
+    torch.manual_seed(seed)
+    return AttnLabForCausalLM(config).to(device=device, dtype=DTYPE)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def spread(values: Sequence[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+# --- peak matmul throughput -------------------------------------------------------------------------
+
+def measure_matmul_peak(device: torch.device, size: int | None = None, repeats: int = 3) -> dict:
+    """fp32 FLOP/s of a square `size`×`size` matmul (best of `repeats` after one warm-up): the MFU yardstick."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(size, size, generator=generator).to(device)
+    right = torch.randn(size, size, generator=generator).to(device)
+    times = []
+    for index in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(left, right)
+        synchronize(device)
+        if index:  # the first is the warm-up
+            times.append(time.perf_counter() - start)
+    return {"flops_per_s": 2 * size**3 / min(times), "size": size, "dtype": "float32"}
+
+
+# --- training throughput ----------------------------------------------------------------------------------
+
+def training_step(model: torch.nn.Module, fused_loss: bool) -> Callable[[torch.Tensor], float]:
+    """One full optimizer step on a batch of token ids, as the trainer takes it: loss, backward,
+    `clip_grad_norm_(1.0)`, AdamW(lr 4e-4, betas (0.9, 0.9999), eps 1e-8, weight decay 0.1). attnlab trains
+    through its fused loss (`return_logits=False`); a transformers model through its own."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, betas=(0.9, 0.9999), eps=1e-8, weight_decay=0.1)
+    model.train()
+
+    def step(input_ids: torch.Tensor) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        if fused_loss:
+            loss = model(input_ids, labels=input_ids, return_logits=False).loss
+        else:
+            loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss.item()  # also waits for the device
+
+    return step
+
+
+def take_turns(
+    steps: dict[str, Callable[[torch.Tensor], float]],
+    batches: torch.Tensor,
+    warmup: int,
+    steps_per_turn: int,
+    repeats: int,
+) -> dict[str, list[list[float]]]:
+    """Per model, the step times (seconds) of each of its `repeats` turns.
+
+    Every model first takes `warmup` untimed steps; then the models take turns, `steps_per_turn` timed
+    steps each, the order rotating every round so that no model always follows the same one. On a shared
+    machine load spikes hit single steps, so throughput comes from the median step.
+    """
+    names = list(steps)
+    for name in names:
+        for index in range(warmup):
+            steps[name](batches[index % len(batches)])
+    times: dict[str, list[list[float]]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            turn = []
+            for index in range(steps_per_turn):
+                start = time.perf_counter()
+                steps[name](batches[(repeat * steps_per_turn + index) % len(batches)])
+                turn.append(time.perf_counter() - start)
+            times[name].append(turn)
+    return times
+
+
+def model_forward_flops(config: AttnLabConfig, batch: int, seq_len: int) -> int:
+    """Matmul FLOPs of one training forward: every layer's mixer (`Mixer.cost`, cached=False), its SwiGLU
+    (6·d·intermediate per token) and the LM head (2·d·vocab per token). Embedding lookups, norms and the
+    rndembqk/fixedseqqk shadow stream (a batch-1 pass) are not counted."""
+    tokens = batch * seq_len
+    mixers = sum(MIXERS[name].cost(config, batch, seq_len, 4, cached=False).prefill_flops for name in config.mixer_types)
+    feed_forward = config.num_hidden_layers * 6 * tokens * config.hidden_size * config.intermediate_size
+    return mixers + feed_forward + 2 * tokens * config.hidden_size * config.vocab_size
+
+
+def bench_train(settings: BenchSettings, device: torch.device, peak_flops: float) -> dict:
+    from .export import to_qwen2
+
+    batch, seq_len = settings.train_batch_size, settings.train_seq_len
+    tokens = batch * seq_len
+    steps, configs = {}, {}
+    names = list(settings.mixers)
+    if settings.against_hf and "standard" not in names:
+        names.insert(0, "standard")
+    for name in names:
+        configs[name], _ = bench_config(settings, f"uniform:{name}")
+        model = build_model(configs[name], device, settings.seed)
+        steps[name] = training_step(model, fused_loss=True)
+        if name == "standard" and settings.against_hf:
+            qwen = to_qwen2(model, use_cache=False, attn_implementation="sdpa").to(device=device, dtype=DTYPE)
+            steps["hf_qwen2"] = training_step(qwen, fused_loss=False)
+            configs["hf_qwen2"] = configs["standard"]
+    generator = torch.Generator().manual_seed(settings.seed)
+    vocab_size = configs[names[0]].vocab_size
+    batches = torch.randint(0, vocab_size, (4, batch, seq_len), generator=generator).to(device)
+    times = take_turns(steps, batches, settings.warmup, settings.train_steps, settings.repeats)
+
+    def summary(name: str) -> dict:
+        all_steps = [seconds for turn in times[name] for seconds in turn]
+        median_step = statistics.median(all_steps)
+        flops_per_step = 3 * model_forward_flops(configs[name], batch, seq_len)  # forward + backward ≈ 3 forwards
+        return {
+            "tokens_per_s": tokens / median_step,
+            "tokens_per_s_min": tokens / max(all_steps),
+            "tokens_per_s_max": tokens / min(all_steps),
+            "median_step_s": median_step,
+            "model_flops_per_step": flops_per_step,
+            "mfu": flops_per_step / median_step / peak_flops,
+        }
+
+    result: dict = {
+        "batch_size": batch,
+        "seq_len": seq_len,
+        "tokens_per_step": tokens,
+        "steps_per_turn": settings.train_steps,
+        "repeats": settings.repeats,
+        "warmup_steps": settings.warmup,
+        "mixers": {name: summary(name) for name in settings.mixers},
+    }
+    if settings.against_hf:
+        result["hf_qwen2"] = summary("hf_qwen2")
+        result["attnlab_tokens_per_s"] = summary("standard")["tokens_per_s"]
+        result["hf_qwen2_tokens_per_s"] = result["hf_qwen2"]["tokens_per_s"]
+        result["ratio"] = result["attnlab_tokens_per_s"] / result["hf_qwen2_tokens_per_s"]
+        ratios = [
+            statistics.median(theirs) / statistics.median(ours)
+            for ours, theirs in zip(times["standard"], times["hf_qwen2"])
+        ]
+        result["ratio_over_repeats"] = spread(ratios)
+    return result
+
+
+# --- prefill, decode, cache ----------------------------------------------------------------------------
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensors that ops create inside the mode and that are alive at the same time.
+
+    An output sharing storage with an input (a view, an in-place op) is not a new allocation; a storage
+    is released when the tensor that created it is freed (views outliving it are not followed).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        inputs = {
+            leaf.untyped_storage().data_ptr()
+            for leaf in _pytree.tree_leaves((args, kwargs))
+            if isinstance(leaf, torch.Tensor)
+        }
+        for leaf in _pytree.tree_leaves(output):
+            if isinstance(leaf, torch.Tensor):
+                storage = leaf.untyped_storage()
+                key = storage.data_ptr()
+                if key in inputs or key in self._sizes or storage.nbytes() == 0:
+                    continue
+                self._sizes[key] = storage.nbytes()
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(leaf, self._release, key)
+        return output
+
+    def _release(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+
+def layer_cache_bytes(layer) -> int:
+    """Bytes of the distinct tensors one `AttnLabCache` layer holds (keys/values, shadow tables, states)."""
+    if isinstance(layer, RecurrentStateLayer):
+        tensors = list(layer.named_states().values())
+    else:
+        tensors = [value for value in vars(layer).values() if isinstance(value, torch.Tensor)]
+    distinct = {tensor.data_ptr(): tensor.numel() * tensor.element_size() for tensor in tensors if tensor.numel()}
+    return sum(distinct.values())
+
+
+def new_cache(model: AttnLabForCausalLM, seq_len: int) -> AttnLabCache:
+    """A fresh cache with the rndembqk/fixedseqqk shadow tables already filled (once per model and cache)."""
+    cache = AttnLabCache(model.config)
+    model.model._fill_shadow_tables(cache, model.model.active_layers(), seq_len, reference=False)
+    return cache
+
+
+@torch.no_grad()
+def prefill_and_decode(
+    model: AttnLabForCausalLM, token_ids: torch.Tensor, context: int, decode_tokens: int, device: torch.device
+) -> dict:
+    """One run: shadow tables, the cached prefill of `context` tokens, then `decode_tokens` cached steps."""
+    synchronize(device)
+    start = time.perf_counter()
+    cache = new_cache(model, context + decode_tokens)
+    synchronize(device)
+    tables = time.perf_counter() - start
+    start = time.perf_counter()
+    model(token_ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    synchronize(device)
+    prefill = time.perf_counter() - start
+    cache_bytes = [layer_cache_bytes(layer) for layer in cache.layers]
+    start = time.perf_counter()
+    for index in range(context, context + decode_tokens):
+        model(token_ids[:, index : index + 1], past_key_values=cache, use_cache=True)
+    synchronize(device)
+    return {
+        "tables": tables,
+        "prefill": prefill,
+        "decode": (time.perf_counter() - start) / decode_tokens,
+        "cache_bytes": cache_bytes,
+    }
+
+
+@torch.no_grad()
+def prefill_peak_memory(model: AttnLabForCausalLM, token_ids: torch.Tensor, device: torch.device) -> int:
+    """Peak bytes of the cached prefill (see CPU_MEMORY_METHOD / CUDA_MEMORY_METHOD); an untimed run."""
+    cache = new_cache(model, token_ids.shape[1])
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        model(token_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with LiveTensorBytes() as tracker:
+        model(token_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return tracker.peak
+
+
+def bench_inference(settings: BenchSettings, device: torch.device) -> dict:
+    """prefill/decode/cache sections: `decode[mixer][context]` = seconds per generated token, etc."""
+    batch, new = settings.decode_batch_size, settings.decode_tokens
+    prefill, decode, decode_spread, cache = {}, {}, {}, {}
+    for name in settings.mixers:
+        config, _ = bench_config(settings, f"uniform:{name}")
+        model = build_model(config, device, settings.seed).eval()
+        prefill[name], decode[name], decode_spread[name], cache[name] = {}, {}, {}, {}
+        for context in settings.contexts:
+            generator = torch.Generator().manual_seed(settings.seed + context)
+            token_ids = torch.randint(0, config.vocab_size, (batch, context + new), generator=generator).to(device)
+            for _ in range(settings.warmup):
+                prefill_and_decode(model, token_ids, context, new, device)
+            runs = [prefill_and_decode(model, token_ids, context, new, device) for _ in range(settings.repeats)]
+            cost = MIXERS[name].cost(config, batch, context, dtype_bytes=4)
+            key = str(context)
+            prefill_times = spread([run["prefill"] for run in runs])
+            prefill[name][key] = {
+                "seconds": prefill_times["median"],
+                "min": prefill_times["min"],
+                "max": prefill_times["max"],
+                "peak_memory_bytes": prefill_peak_memory(model, token_ids[:, :context], device),
+                "analytic_flops_per_layer": cost.prefill_flops,
+                "shadow_tables_seconds": statistics.median(run["tables"] for run in runs),
+                "shadow_tables_analytic_flops_per_layer": cost.precompute_flops,
+            }
+            decode_times = spread([run["decode"] for run in runs])
+            decode[name][key] = decode_times["median"]
+            decode_spread[name][key] = {
+                "min": decode_times["min"],
+                "max": decode_times["max"],
+                "analytic_flops_per_token_per_layer": cost.decode_flops_per_token,
+            }
+            measured = runs[0]["cache_bytes"]
+            cache[name][key] = {
+                "measured_bytes_per_layer": measured[0],
+                "formula_bytes_per_layer": cost.cache_bytes,
+                "all_layers_equal": len(set(measured)) == 1,
+                "match": len(set(measured)) == 1 and measured[0] == cost.cache_bytes,
+            }
+        del model
+    return {"prefill": prefill, "decode": decode, "decode_spread": decode_spread, "cache": cache}
+
+
+# --- the whole run, its table and its figure ------------------------------------------------------------
+
+def run_bench(settings: BenchSettings, out_dir: str | Path) -> dict:
+    """Measure the requested sections; write OUT/bench.json, OUT/bench.md and OUT/decode.png; return the dict."""
+    from .train import pick_device
+
+    settings.check()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(settings.device)
+    previous_threads = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    began = time.perf_counter()
+    try:
+        config, extended = bench_config(settings, "uniform:standard")
+        peak = measure_matmul_peak(device, settings.matmul_size)
+        results: dict = {
+            "environment": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "processor": platform.processor() or platform.machine(),
+                "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
+                "threads": torch.get_num_threads(),
+                "dtype": "float32",
+                "seed": settings.seed,
+                "matmul_peak": peak,
+            },
+            "settings": {**asdict(settings), "mixers": list(settings.mixers), "contexts": list(settings.contexts)},
+            "config": config.to_dict(),
+            "extended_max_position_embeddings": config.max_position_embeddings if extended else None,
+            "prefill_memory_method": CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD,
+        }
+        if "train" in settings.sections:
+            results["train"] = bench_train(settings, device, peak["flops_per_s"])
+        if {"prefill", "decode", "cache"} & set(settings.sections):
+            inference = bench_inference(settings, device)
+            for section in ("prefill", "decode", "cache"):
+                if section in settings.sections:
+                    results[section] = inference[section]
+            if "decode" in settings.sections:
+                results["decode_spread"] = inference["decode_spread"]
+    finally:
+        torch.set_num_threads(previous_threads)
+    results["seconds"] = time.perf_counter() - began
+    write_text_atomic(out_dir / "bench.json", json.dumps(results, indent=2, default=str) + "\n")
+    write_text_atomic(out_dir / "bench.md", bench_markdown(results))
+    if "decode" in results:
+        decode_figure(results["decode"], out_dir / "decode.png", title=f"{settings.preset}, {results['environment']['device']}")
+    return results
+
+
+def _bytes(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def bench_markdown(results: dict) -> str:
+    """The Markdown report: environment, then one table per measured section."""
+    env, settings = results["environment"], results["settings"]
+    parts = [
+        f"# attnlab bench: {settings['preset']}\n",
+        (
+            f"torch {env['torch']}, transformers {env['transformers']}, device {env['device']}, {env['threads']} "
+            f"threads, {env['dtype']}, seed {env['seed']}; fp32 matmul peak "
+            f"{env['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s ({env['matmul_peak']['size']}² matmul); "
+            f"{results['seconds']:.0f} s in all. Medians of {settings['repeats']} runs after {settings['warmup']} "
+            "warm-up, [min–max].\n"
+        ),
+    ]
+    if results.get("extended_max_position_embeddings"):
+        parts.append(
+            f"The preset's max_position_embeddings was raised to {results['extended_max_position_embeddings']} "
+            "(and shadow_seq_len, the rndembqk/fixedseqqk L_max, with it) to cover the longest context plus the "
+            "decoded tokens.\n"
+        )
+    if "train" in results:
+        train = results["train"]
+        rows = [
+            [name, f"{row['tokens_per_s']:.0f}", f"{row['tokens_per_s_min']:.0f}–{row['tokens_per_s_max']:.0f}",
+             f"{100 * row['mfu']:.1f}%"]
+            for name, row in [*train["mixers"].items(), *([("hf_qwen2 (sdpa)", train["hf_qwen2"])] if "hf_qwen2" in train else [])]
+        ]
+        parts.append(
+            f"## Training (B={train['batch_size']}, L={train['seq_len']}, full AdamW step)\n\n"
+            + _table(["model", "tokens/s", "range", "MFU"], rows)
+        )
+        if "ratio" in train:
+            ratio = train["ratio_over_repeats"]
+            parts.append(
+                f"attnlab standard / transformers Qwen2: **{train['ratio']:.2f}×** (per-turn ratio median "
+                f"{ratio['median']:.2f}, {ratio['min']:.2f}–{ratio['max']:.2f}).\n"
+            )
+    contexts = [str(context) for context in settings["contexts"]]
+    if "prefill" in results:
+        prefill = results["prefill"]
+        parts.append(
+            f"## Prefill (batch {settings['decode_batch_size']}): ms, [min–max]\n\n"
+            + _table(["mixer", *contexts], [
+                [name, *(f"{1e3 * row[c]['seconds']:.1f} [{1e3 * row[c]['min']:.1f}–{1e3 * row[c]['max']:.1f}]" for c in contexts)]
+                for name, row in prefill.items()
+            ])
+            + "\nPeak prefill memory (" + results["prefill_memory_method"] + "):\n\n"
+            + _table(["mixer", *contexts], [
+                [name, *(_bytes(row[c]["peak_memory_bytes"]) for c in contexts)] for name, row in prefill.items()
+            ])
+            + "\nAnalytic mixer MFLOPs per layer (`Mixer.cost`, projections included):\n\n"
+            + _table(["mixer", *contexts], [
+                [name, *(f"{row[c]['analytic_flops_per_layer'] / 1e6:.1f}" for c in contexts)]
+                for name, row in prefill.items()
+            ])
+        )
+    if "decode" in results:
+        decode, decode_spread = results["decode"], results["decode_spread"]
+        parts.append(
+            f"## Decode: ms per generated token at context L ({settings['decode_tokens']} cached steps per run)\n\n"
+            + _table(["mixer", *contexts, f"{contexts[-1]} / {contexts[0]}"], [
+                [name, *(f"{1e3 * row[c]:.2f} [{1e3 * decode_spread[name][c]['min']:.2f}–"
+                         f"{1e3 * decode_spread[name][c]['max']:.2f}]" for c in contexts),
+                 f"{row[contexts[-1]] / row[contexts[0]]:.2f}×"]
+                for name, row in decode.items()
+            ])
+        )
+    if "cache" in results:
+        parts.append(
+            "## Cache bytes per layer after the prefill: measured (formula)\n\n"
+            + _table(["mixer", *contexts], [
+                [name, *(f"{row[c]['measured_bytes_per_layer']} ({row[c]['formula_bytes_per_layer']})"
+                         + ("" if row[c]["match"] else " ✗") for c in contexts)]
+                for name, row in results["cache"].items()
+            ])
+        )
+    return "\n".join(parts)
+
+
+def decode_figure(decode: dict, path: Path, title: str = "") -> Path:
+    """Seconds per generated token against context length, one line per mixer, log-log."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.5))
+    axes = fig.add_subplot()
+    for name, row in decode.items():
+        contexts = sorted(int(context) for context in row)
+        axes.plot(contexts, [row[str(context)] for context in contexts], marker="o", label=name)
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.set_xlabel("context length (tokens)")
+    axes.set_ylabel("seconds per generated token")
+    axes.set_title(f"Cached decoding{': ' + title if title else ''}", fontsize=10)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    fig.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp")
+    fig.savefig(temporary, format="png", dpi=150)
+    temporary.replace(path)
+    return path
+
+
+__all__ = [
+    "SECTIONS",
+    "BenchSettings",
+    "measure_matmul_peak",
+    "model_forward_flops",
+    "run_bench",
+    "take_turns",
+    "training_step",
+]

@@ -1,0 +1,120 @@
+"""`attnlab bench` and the analytic costs (`Mixer.cost`): no timed assertions, tiny settings only."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from attnlab import AttnLabForCausalLM
+from attnlab.bench import BenchSettings, layer_cache_bytes, new_cache, run_bench
+from attnlab.cli import main
+from attnlab.config import MIXER_NAMES
+from attnlab.mixers import MIXERS
+
+from .conftest import tiny_config
+
+TINY_MODEL = {"vocab_size": 61, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def _numbers(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _numbers(value)
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield tree
+
+
+def test_bench_writes_well_formed_results(tmp_path):
+    settings = BenchSettings(
+        model_overrides=TINY_MODEL,
+        mixers=("standard", "nonapprox"),
+        contexts=(8, 16),
+        repeats=1,
+        warmup=1,
+        against_hf=True,
+        threads=1,
+        train_batch_size=2,
+        train_seq_len=16,
+        decode_tokens=2,
+        matmul_size=256,
+    )
+    run_bench(settings, tmp_path)
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert {"environment", "settings", "config", "train", "prefill", "decode", "decode_spread", "cache"} <= set(results)
+    assert results["environment"]["threads"] == 1 and results["environment"]["torch"] == torch.__version__
+    train = results["train"]
+    for key in ("attnlab_tokens_per_s", "hf_qwen2_tokens_per_s", "ratio"):
+        assert math.isfinite(train[key]) and train[key] > 0
+    for name in ("standard", "nonapprox"):
+        assert set(train["mixers"][name]) >= {"tokens_per_s", "mfu", "model_flops_per_step"}
+        for section in ("prefill", "decode", "cache"):
+            assert set(results[section][name]) == {"8", "16"}
+        for context in ("8", "16"):
+            assert results["decode"][name][context] > 0
+            assert results["prefill"][name][context]["seconds"] > 0
+            assert results["prefill"][name][context]["peak_memory_bytes"] > 0
+            assert results["cache"][name][context]["match"]
+    numbers = list(_numbers({key: results[key] for key in ("train", "prefill", "decode", "decode_spread", "cache")}))
+    assert numbers and all(math.isfinite(value) and value >= 0 for value in numbers)
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "| standard |" in markdown and "Qwen2" in markdown
+    assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_cli_rejects_unknown_mixer(tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path), "--mixers", "standard,nope"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("attnlab: error:") and "nope" in error and "\n" not in error
+
+
+@pytest.mark.parametrize("mixer", MIXER_NAMES)
+def test_measured_cache_bytes_equal_the_formula(mixer):
+    config = tiny_config(layers=f"uniform:{mixer}", num_key_value_heads=2)  # GQA: d_kv ≠ d
+    torch.manual_seed(0)
+    model = AttnLabForCausalLM(config).eval()
+    batch, context = 2, 5
+    ids = torch.randint(0, config.vocab_size, (batch, context + 1))
+    cache = new_cache(model, context + 1)
+    with torch.no_grad():
+        model(ids[:, :context], past_key_values=cache, use_cache=True)
+        measured = [layer_cache_bytes(layer) for layer in cache.layers]
+        assert measured == [MIXERS[mixer].cost(config, batch, context, dtype_bytes=4).cache_bytes] * 2
+        model(ids[:, context:], past_key_values=cache, use_cache=True)  # one decode step
+        measured = [layer_cache_bytes(layer) for layer in cache.layers]
+        assert measured == [MIXERS[mixer].cost(config, batch, context + 1, dtype_bytes=4).cache_bytes] * 2
+
+
+def test_analytic_costs_match_hand_counts():
+    # d = 8, h = 2 heads of d_h = 4, B = 1, L = 3. Projections: four 8×8 matrices, 2·64 FLOPs each per token
+    # → 512 per token, 1536 for the prefill. mlp width m = round((4·64 + 3·8) / 24) = 12. L_max = 16.
+    config = tiny_config(hidden_size=8, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    assert config.mlp_mixer_size == 12
+
+    def cost(name, **options):
+        return MIXERS[name].cost(config, 1, 3, **options)
+
+    for name in ("standard", "staticembqk"):
+        # prefill 1536 + QKᵀ and AV, dense: 2 heads · 2·(3·3·4) · 2 = 288; decode 512 + 2 heads · 2·2·(4 keys · 4)
+        assert cost(name) == MIXERS[name].cost(config, 1, 3)
+        assert (cost(name).prefill_flops, cost(name).decode_flops_per_token, cost(name).cache_bytes) == (1824, 640, 96)
+    mlp = cost("mlp")  # 6·3·8·12, 6·8·12, nothing cached
+    assert (mlp.prefill_flops, mlp.decode_flops_per_token, mlp.cache_bytes) == (1728, 576, 0)
+    # nonapprox: scores 2·3·4 + folds 2·3·4 + chunk weights·v 2·9·4 = 120 per head; decode 6·4 per head;
+    # state: max, normaliser and a 4-wide sum per head in float32 = 2 · 6 · 4 bytes whatever the dtype.
+    nonapprox = cost("nonapprox")
+    assert (nonapprox.prefill_flops, nonapprox.decode_flops_per_token, nonapprox.cache_bytes) == (1776, 560, 48)
+    # approximate: one chunk (size 2·d_h² = 32 ≥ 3): within 4·9·4 = 144, fold 3 keys · 2·(64 + 16) = 480 per head;
+    # decode per head: within 4·4, read 2·(64 + 32 + 4), fold 2·(64 + 16) = 376; state 2·5·21 entries.
+    approximate = cost("approximate")
+    assert (approximate.prefill_flops, approximate.decode_flops_per_token, approximate.cache_bytes) == (2784, 1264, 420)
+    assert cost("approximate", cached=False).prefill_flops == 1536 + 2 * 144  # training forward: no final fold
+    for name in ("rndembqk", "fixedseqqk"):
+        # prefill: W_v, W_o 2·3·8·16 = 768, map once 2·2·(9·4) = 144, AV 144; training adds W_q, W_k on the
+        # 3 shadow rows (768). decode: W_v, W_o 256 + 2 heads·2·(4·4)·(1 + 1). cache: tables 16·(8 + 8),
+        # batch-1 keys 3·8 and values 3·8, at 2 bytes. precompute: W_q, W_k on 16 rows.
+        shared = cost(name)
+        assert (shared.prefill_flops, shared.decode_flops_per_token, shared.cache_bytes) == (1056, 384, 608)
+        assert shared.precompute_flops == 4096 and cost(name, cached=False).prefill_flops == 1824
