@@ -111,3 +111,13 @@ def test_majority_class_figures_match_the_datasets():
     assert MAJORITY_CLASS["piqa"] == pytest.approx(share((EVAL_DATA / "piqa" / "valid-labels.lst").read_text().split()))
     rte_rows = list(csv.DictReader((EVAL_DATA / "rte" / "dev.tsv").open(), delimiter="\t"))
     assert MAJORITY_CLASS["rte"] == pytest.approx(share(row["label"] for row in rte_rows))
+
+
+def test_the_nlu_average_covers_the_nlu_columns_shown():
+    accuracies = {task: 0.5 for task in PAPER_NLU_TASKS if task != "piqa"}
+    header, _, random_row, _, standard_row = markdown_table([make_record(["standard"], accuracies)]).splitlines()
+    headers = [cell.strip() for cell in header.split("|")[3:-1]]
+    assert "PIQA" not in headers
+    nlu = headers.index("NLU avg")
+    assert random_row.split("|")[3:-1][nlu].strip() == f"{(25 + 50 + 50 + 25 + 50 + 25) / 6:.1f}"  # no PIQA's 50
+    assert standard_row.split("|")[3:-1][nlu].strip() == "50.0"

@@ -89,7 +89,8 @@ def table_columns(records: Sequence[dict]) -> list[Column]:
             columns.append(Column(task, metric, f"{task} {metric}"))
     if any(column.task in PAPER_NLU_TASKS for column in columns):
         last_nlu = max(i for i, column in enumerate(columns) if column.task in PAPER_NLU_TASKS)
-        columns.insert(last_nlu + 1, Column("", "", NLU_AVERAGE))
+        present = ",".join(column.task for column in columns if column.task in PAPER_NLU_TASKS)
+        columns.insert(last_nlu + 1, Column(present, "", NLU_AVERAGE))  # the average of the NLU columns shown
     return columns
 
 
@@ -112,12 +113,12 @@ def cell_value(row: Row, column: Column) -> tuple[float | None, float | None]:
     if row.record is None:
         table = RANDOM_GUESS if row.label == "random guess" else MAJORITY_CLASS
         if column.header == NLU_AVERAGE:
-            values = [table.get(task) for task in PAPER_NLU_TASKS]
+            values = [table.get(task) for task in column.task.split(",")]
             return (sum(values) / len(values), None) if None not in values else (None, None)
         return (table.get(column.task), None) if column.is_accuracy else (None, None)
     results = row.record.get("results", {})
     if column.header == NLU_AVERAGE:
-        values = [results[t]["acc,none"] for t in PAPER_NLU_TASKS if "acc,none" in results.get(t, {})]
+        values = [results[t]["acc,none"] for t in column.task.split(",") if "acc,none" in results.get(t, {})]
         return (100 * sum(values) / len(values), None) if values else (None, None)
     metrics = results.get(column.task, {})
     value, stderr = metrics.get(f"{column.metric},none"), metrics.get(f"{column.metric}_stderr,none")
