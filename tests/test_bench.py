@@ -16,7 +16,13 @@ from attnlab.mixers import MIXERS
 
 from .conftest import tiny_config
 
-TINY_MODEL = {"vocab_size": 61, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
+TINY_MODEL = {
+    "vocab_size": 61,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
 
 
 def _numbers(tree):

@@ -22,8 +22,16 @@ from attnlab.evaluation import (
 from attnlab.tasks import BUILTIN_TASKS
 
 TINY_HYBRID = [
-    "--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "2", "--num-attention-heads", "2",
-    "--layers", "standard,approximate",
+    "--hidden-size",
+    "32",
+    "--intermediate-size",
+    "64",
+    "--num-hidden-layers",
+    "2",
+    "--num-attention-heads",
+    "2",
+    "--layers",
+    "standard,approximate",
 ]
 
 # A small multiple-choice task with its data in a local JSONL file, as a user writes one to evaluate offline.
@@ -62,11 +70,37 @@ def checkpoint(tmp_path_factory) -> Path:
     corpus = root / "topics.jsonl"
     corpus.write_text("".join(json.dumps({"text": topics[name]}) + "\n" for name in sorted(topics)[:60]))
     out = root / "run"
-    status = main([
-        "train", "--preset", "cpu-tiny", *TINY_HYBRID, "--data", str(corpus), "--tokenizer", "bpe:320",
-        "--out", str(out), "--seq-len", "128", "--batch-size", "4", "--global-batch-size", "4", "--max-steps", "12",
-        "--warmup-steps", "2", "--save-every", "6", "--eval-every", "12", "--eval-sequences", "2", "--no-tensorboard",
-    ])
+    status = main(
+        [
+            "train",
+            "--preset",
+            "cpu-tiny",
+            *TINY_HYBRID,
+            "--data",
+            str(corpus),
+            "--tokenizer",
+            "bpe:320",
+            "--out",
+            str(out),
+            "--seq-len",
+            "128",
+            "--batch-size",
+            "4",
+            "--global-batch-size",
+            "4",
+            "--max-steps",
+            "12",
+            "--warmup-steps",
+            "2",
+            "--save-every",
+            "6",
+            "--eval-every",
+            "12",
+            "--eval-sequences",
+            "2",
+            "--no-tensorboard",
+        ]
+    )
     assert status == 0
     return out
 
@@ -162,11 +196,11 @@ def _direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> 
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-    continuation_ids = whole[len(context_ids):]
+    continuation_ids = whole[len(context_ids) :]
     window = 128  # the training --seq-len: the harness's window (LoadedCheckpoint.context_length)
-    ids = torch.tensor([(context_ids + continuation_ids)[-(window + 1):][:-1]])
+    ids = torch.tensor([(context_ids + continuation_ids)[-(window + 1) :][:-1]])
     with torch.no_grad():
-        log_probs = model(ids).logits.double().log_softmax(-1)[0, -len(continuation_ids):]
+        log_probs = model(ids).logits.double().log_softmax(-1)[0, -len(continuation_ids) :]
     targets = torch.tensor(continuation_ids)
     total = log_probs.gather(1, targets[:, None]).sum().item()
     greedy = bool((log_probs.argmax(-1) == targets).all())
@@ -245,15 +279,50 @@ def test_perplexity_by_context_length(checkpoint, tmp_path):
 def test_eval_and_table_commands_write_results_and_tables(checkpoint, tmp_path, capsys):
     out = tmp_path / "results.json"
     samples = tmp_path / "samples.jsonl"
-    assert main(["eval", str(checkpoint), "--tasks", "lastword", "--limit", "5", "--batch-size", "4",
-                 "--out", str(out), "--samples", str(samples)]) == 0
-    assert main(["eval", str(checkpoint), str(checkpoint / "checkpoint-6"), "--tasks", "cloze", "--limit", "4",
-                 "--skip-nonstandard", "--device", "cpu", "--out", str(tmp_path / "skip.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(checkpoint),
+                "--tasks",
+                "lastword",
+                "--limit",
+                "5",
+                "--batch-size",
+                "4",
+                "--out",
+                str(out),
+                "--samples",
+                str(samples),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                str(checkpoint),
+                str(checkpoint / "checkpoint-6"),
+                "--tasks",
+                "cloze",
+                "--limit",
+                "4",
+                "--skip-nonstandard",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "skip.json"),
+            ]
+        )
+        == 0
+    )
     single = json.loads(out.read_text())
     assert single["results"]["lastword"]["acc,none"] == load_records(out)[0]["results"]["lastword"]["acc,none"]
     assert len([json.loads(line) for line in samples.read_text().splitlines()]) == 5
     assert [r["attnlab"]["checkpoint"] for r in load_records(tmp_path / "skip.json")] == [
-        str(checkpoint), str(checkpoint / "checkpoint-6")
+        str(checkpoint),
+        str(checkpoint / "checkpoint-6"),
     ]
     capsys.readouterr()
     assert main(["table", str(out), str(tmp_path / "skip.json"), "--out", str(tmp_path / "table1")]) == 0
@@ -330,7 +399,7 @@ def test_generation_tasks_decode_greedily_as_full_recomputation_does(checkpoint,
         prompt = sample["doc"]["prompt"]
         ids = loaded.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         expected = loaded.model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
-        assert sample["resps"][0][0] == loaded.tokenizer.decode(expected[0, ids.shape[1]:])
+        assert sample["resps"][0][0] == loaded.tokenizer.decode(expected[0, ids.shape[1] :])
 
 
 def test_a_continuation_longer_than_the_window_is_refused_in_one_line(checkpoint, tmp_path, capsys):
@@ -339,7 +408,8 @@ def test_a_continuation_longer_than_the_window_is_refused_in_one_line(checkpoint
     data.write_text(json.dumps({"question": "What?", "choices": [long_answer, "no"], "label": 0}) + "\n")
     task = tmp_path / "long_choice.yaml"
     task.write_text(LOCAL_TASK_YAML.replace("local_colours", "long_choice").format(data=data))
-    error = _one_line_error(capsys, ["eval", str(checkpoint), "--tasks", str(task), "--max-length", "16",
-                                     "--out", str(tmp_path / "r.json")])
+    error = _one_line_error(
+        capsys, ["eval", str(checkpoint), "--tasks", str(task), "--max-length", "16", "--out", str(tmp_path / "r.json")]
+    )
     assert "does not fit the 16-token window; raise --max-length" in error
     assert not (tmp_path / "r.json").exists()

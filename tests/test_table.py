@@ -24,8 +24,12 @@ def make_record(mixer_types, accuracies, skip=False, checkpoint="runs/x", wikite
     record = {
         "results": results,
         "attnlab": {
-            "checkpoint": checkpoint, "mixer_types": list(mixer_types), "kind": kind,
-            "mixer": others[0] if others else "standard", "skip_nonstandard": skip, "parameters": 1000,
+            "checkpoint": checkpoint,
+            "mixer_types": list(mixer_types),
+            "kind": kind,
+            "mixer": others[0] if others else "standard",
+            "skip_nonstandard": skip,
+            "parameters": 1000,
         },
     }
     if contexts:
@@ -47,8 +51,13 @@ def test_rows_follow_table_1_groups_and_mixer_order():
     lines = markdown_table(records).splitlines()
     rows = [tuple(cell.strip() for cell in line.split("|")[1:3]) for line in lines[2:]]
     assert rows == [
-        ("reference", "random guess"), ("reference", "majority class"), ("standard", "standard"),
-        ("uniform", "mlp"), ("uniform", "approximate"), ("hybrid", "nonapprox"), ("skip", "nonapprox"),
+        ("reference", "random guess"),
+        ("reference", "majority class"),
+        ("standard", "standard"),
+        ("uniform", "mlp"),
+        ("uniform", "approximate"),
+        ("hybrid", "nonapprox"),
+        ("skip", "nonapprox"),
     ]
 
 
@@ -69,8 +78,10 @@ def test_columns_nlu_average_and_cells():
 
 
 def test_the_same_variant_twice_is_told_apart_by_checkpoint():
-    records = [make_record(["mlp"], {"cloze": 0.3}, checkpoint="runs/a"),
-               make_record(["mlp"], {"cloze": 0.4}, checkpoint="runs/b")]
+    records = [
+        make_record(["mlp"], {"cloze": 0.3}, checkpoint="runs/a"),
+        make_record(["mlp"], {"cloze": 0.4}, checkpoint="runs/b"),
+    ]
     text = markdown_table(records)
     assert "| uniform | mlp (a) |" in text and "| uniform | mlp (b) |" in text
     assert "majority class" not in text  # no reference figure for these tasks: the row is left out

@@ -115,7 +115,9 @@ def test_text_file_items_and_perplexity_counts(tmp_path):
     path.write_text("one two  three\nfour é\n", encoding="utf-8")
     [item] = text_file_items(path)
     assert rolling_perplexity_results(item, [-7.0]) == {
-        "word_perplexity": (-7.0, 5), "byte_perplexity": (-7.0, 23), "bits_per_byte": (-7.0, 23),
+        "word_perplexity": (-7.0, 5),
+        "byte_perplexity": (-7.0, 23),
+        "bits_per_byte": (-7.0, 23),
     }
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="is empty"):

@@ -85,7 +85,14 @@ class BenchSettings:
             raise ValueError(f"unknown or missing sections {bad_sections}; valid sections: {', '.join(SECTIONS)}")
         if not self.contexts or min(self.contexts) < 1:
             raise ValueError(f"--contexts must be positive integers, got {list(self.contexts)}")
-        for name in ("repeats", "train_batch_size", "train_seq_len", "train_steps", "decode_batch_size", "decode_tokens"):
+        for name in (
+            "repeats",
+            "train_batch_size",
+            "train_seq_len",
+            "train_steps",
+            "decode_batch_size",
+            "decode_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0 or (self.threads is not None and self.threads < 1):
@@ -119,6 +126,7 @@ def spread(values: Sequence[float]) -> dict:
 
 # --- peak matmul throughput -------------------------------------------------------------------------
 
+
 def measure_matmul_peak(device: torch.device, size: int | None = None, repeats: int = 3) -> dict:
     """fp32 FLOP/s of a square `size`×`size` matmul (best of `repeats` after one warm-up): the MFU yardstick."""
     size = size or (8192 if device.type == "cuda" else 2048)
@@ -137,6 +145,7 @@ def measure_matmul_peak(device: torch.device, size: int | None = None, repeats: 
 
 
 # --- training throughput ----------------------------------------------------------------------------------
+
 
 def training_step(model: torch.nn.Module, fused_loss: bool) -> Callable[[torch.Tensor], float]:
     """One full optimizer step on a batch of token ids, as the trainer takes it: loss, backward,
@@ -194,7 +203,9 @@ def model_forward_flops(config: AttnLabConfig, batch: int, seq_len: int) -> int:
     (6·d·intermediate per token) and the LM head (2·d·vocab per token). Embedding lookups, norms and the
     rndembqk/fixedseqqk shadow stream (a batch-1 pass) are not counted."""
     tokens = batch * seq_len
-    mixers = sum(MIXERS[name].cost(config, batch, seq_len, 4, cached=False).prefill_flops for name in config.mixer_types)
+    mixers = sum(
+        MIXERS[name].cost(config, batch, seq_len, 4, cached=False).prefill_flops for name in config.mixer_types
+    )
     feed_forward = config.num_hidden_layers * 6 * tokens * config.hidden_size * config.intermediate_size
     return mixers + feed_forward + 2 * tokens * config.hidden_size * config.vocab_size
 
@@ -257,6 +268,7 @@ def bench_train(settings: BenchSettings, device: torch.device, peak_flops: float
 
 
 # --- prefill, decode, cache ----------------------------------------------------------------------------
+
 
 class LiveTensorBytes(TorchDispatchMode):
     """Peak bytes of the tensors that ops create inside the mode and that are alive at the same time.
@@ -399,6 +411,7 @@ def bench_inference(settings: BenchSettings, device: torch.device) -> dict:
 
 # --- the whole run, its table and its figure ------------------------------------------------------------
 
+
 def run_bench(settings: BenchSettings, out_dir: str | Path) -> dict:
     """Measure the requested sections; write OUT/bench.json, OUT/bench.md and OUT/decode.png; return the dict."""
     from .train import pick_device
@@ -447,7 +460,9 @@ def run_bench(settings: BenchSettings, out_dir: str | Path) -> dict:
     write_text_atomic(out_dir / "bench.json", json.dumps(results, indent=2, default=str) + "\n")
     write_text_atomic(out_dir / "bench.md", bench_markdown(results))
     if "decode" in results:
-        decode_figure(results["decode"], out_dir / "decode.png", title=f"{settings.preset}, {results['environment']['device']}")
+        decode_figure(
+            results["decode"], out_dir / "decode.png", title=f"{settings.preset}, {results['environment']['device']}"
+        )
     return results
 
 
@@ -486,9 +501,16 @@ def bench_markdown(results: dict) -> str:
     if "train" in results:
         train = results["train"]
         rows = [
-            [name, f"{row['tokens_per_s']:.0f}", f"{row['tokens_per_s_min']:.0f}–{row['tokens_per_s_max']:.0f}",
-             f"{100 * row['mfu']:.1f}%"]
-            for name, row in [*train["mixers"].items(), *([("hf_qwen2 (sdpa)", train["hf_qwen2"])] if "hf_qwen2" in train else [])]
+            [
+                name,
+                f"{row['tokens_per_s']:.0f}",
+                f"{row['tokens_per_s_min']:.0f}–{row['tokens_per_s_max']:.0f}",
+                f"{100 * row['mfu']:.1f}%",
+            ]
+            for name, row in [
+                *train["mixers"].items(),
+                *([("hf_qwen2 (sdpa)", train["hf_qwen2"])] if "hf_qwen2" in train else []),
+            ]
         ]
         parts.append(
             f"## Training (B={train['batch_size']}, L={train['seq_len']}, full AdamW step)\n\n"
@@ -505,39 +527,72 @@ def bench_markdown(results: dict) -> str:
         prefill = results["prefill"]
         parts.append(
             f"## Prefill (batch {settings['decode_batch_size']}): ms, [min–max]\n\n"
-            + _table(["mixer", *contexts], [
-                [name, *(f"{1e3 * row[c]['seconds']:.1f} [{1e3 * row[c]['min']:.1f}–{1e3 * row[c]['max']:.1f}]" for c in contexts)]
-                for name, row in prefill.items()
-            ])
-            + "\nPeak prefill memory (" + results["prefill_memory_method"] + "):\n\n"
-            + _table(["mixer", *contexts], [
-                [name, *(_bytes(row[c]["peak_memory_bytes"]) for c in contexts)] for name, row in prefill.items()
-            ])
+            + _table(
+                ["mixer", *contexts],
+                [
+                    [
+                        name,
+                        *(
+                            f"{1e3 * row[c]['seconds']:.1f} [{1e3 * row[c]['min']:.1f}–{1e3 * row[c]['max']:.1f}]"
+                            for c in contexts
+                        ),
+                    ]
+                    for name, row in prefill.items()
+                ],
+            )
+            + "\nPeak prefill memory ("
+            + results["prefill_memory_method"]
+            + "):\n\n"
+            + _table(
+                ["mixer", *contexts],
+                [[name, *(_bytes(row[c]["peak_memory_bytes"]) for c in contexts)] for name, row in prefill.items()],
+            )
             + "\nAnalytic mixer MFLOPs per layer (`Mixer.cost`, projections included):\n\n"
-            + _table(["mixer", *contexts], [
-                [name, *(f"{row[c]['analytic_flops_per_layer'] / 1e6:.1f}" for c in contexts)]
-                for name, row in prefill.items()
-            ])
+            + _table(
+                ["mixer", *contexts],
+                [
+                    [name, *(f"{row[c]['analytic_flops_per_layer'] / 1e6:.1f}" for c in contexts)]
+                    for name, row in prefill.items()
+                ],
+            )
         )
     if "decode" in results:
         decode, decode_spread = results["decode"], results["decode_spread"]
         parts.append(
             f"## Decode: ms per generated token at context L ({settings['decode_tokens']} cached steps per run)\n\n"
-            + _table(["mixer", *contexts, f"{contexts[-1]} / {contexts[0]}"], [
-                [name, *(f"{1e3 * row[c]:.2f} [{1e3 * decode_spread[name][c]['min']:.2f}–"
-                         f"{1e3 * decode_spread[name][c]['max']:.2f}]" for c in contexts),
-                 f"{row[contexts[-1]] / row[contexts[0]]:.2f}×"]
-                for name, row in decode.items()
-            ])
+            + _table(
+                ["mixer", *contexts, f"{contexts[-1]} / {contexts[0]}"],
+                [
+                    [
+                        name,
+                        *(
+                            f"{1e3 * row[c]:.2f} [{1e3 * decode_spread[name][c]['min']:.2f}–"
+                            f"{1e3 * decode_spread[name][c]['max']:.2f}]"
+                            for c in contexts
+                        ),
+                        f"{row[contexts[-1]] / row[contexts[0]]:.2f}×",
+                    ]
+                    for name, row in decode.items()
+                ],
+            )
         )
     if "cache" in results:
         parts.append(
             "## Cache bytes per layer after the prefill: measured (formula)\n\n"
-            + _table(["mixer", *contexts], [
-                [name, *(f"{row[c]['measured_bytes_per_layer']} ({row[c]['formula_bytes_per_layer']})"
-                         + ("" if row[c]["match"] else " ✗") for c in contexts)]
-                for name, row in results["cache"].items()
-            ])
+            + _table(
+                ["mixer", *contexts],
+                [
+                    [
+                        name,
+                        *(
+                            f"{row[c]['measured_bytes_per_layer']} ({row[c]['formula_bytes_per_layer']})"
+                            + ("" if row[c]["match"] else " ✗")
+                            for c in contexts
+                        ),
+                    ]
+                    for name, row in results["cache"].items()
+                ],
+            )
         )
     return "\n".join(parts)
 

@@ -22,7 +22,11 @@ MODEL_FLAGS = {
     "--num-key-value-heads": ("num_key_value_heads", int),
     "--head-dim": ("head_dim", int),
 }
-MODEL_SWITCHES = {"--qk-norm": "qk_norm", "--tie-word-embeddings": "tie_word_embeddings", "--attention-bias": "attention_bias"}
+MODEL_SWITCHES = {
+    "--qk-norm": "qk_norm",
+    "--tie-word-embeddings": "tie_word_embeddings",
+    "--attention-bias": "attention_bias",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,7 +105,9 @@ def command_train(args: argparse.Namespace) -> int:
     from .runconfig import resolve_run_config
     from .train import EXIT_DIVERGED, TrainingDiverged, train
 
-    train_overrides = {field: getattr(args, field) for field, _, _ in TRAIN_FLAGS.values() if getattr(args, field) is not None}
+    train_overrides = {
+        field: getattr(args, field) for field, _, _ in TRAIN_FLAGS.values() if getattr(args, field) is not None
+    }
     train_overrides.update({f: getattr(args, f) for f in TRAIN_SWITCHES.values() if getattr(args, f) is not None})
     model_options = model_overrides(args)
     if args.layers is not None:
@@ -161,9 +167,17 @@ def command_eval(args: argparse.Namespace) -> int:
     for checkpoint in args.checkpoints:
         records.append(
             evaluate_checkpoint(
-                checkpoint, selection, limit=args.limit, batch_size=args.batch_size, device=device,
-                dtype=args.dtype, skip_nonstandard=args.skip_nonstandard, ppl_contexts=args.ppl_contexts or (),
-                ppl_data=args.ppl_data, corpus=args.corpus, max_length=args.max_length,
+                checkpoint,
+                selection,
+                limit=args.limit,
+                batch_size=args.batch_size,
+                device=device,
+                dtype=args.dtype,
+                skip_nonstandard=args.skip_nonstandard,
+                ppl_contexts=args.ppl_contexts or (),
+                ppl_data=args.ppl_data,
+                corpus=args.corpus,
+                max_length=args.max_length,
                 log_samples=args.samples is not None,
             )
         )
@@ -210,8 +224,10 @@ def command_analyze(args: argparse.Namespace) -> int:
         metrics_files=args.metrics,
         heatmap_model=args.heatmap_model,
     )
-    print(f"attnlab: indicators in {summary['indicators_path']}; {len(summary['figures'])} figure files in {args.out}",
-          file=sys.stderr)
+    print(
+        f"attnlab: indicators in {summary['indicators_path']}; {len(summary['figures'])} figure files in {args.out}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -236,7 +252,10 @@ def command_bench(args: argparse.Namespace) -> int:
 # `attnlab bench` options: field of BenchSettings → (type, help); each is the flag --field-name.
 BENCH_OPTIONS = {
     "mixers": (lambda text: tuple(_name_list(text)), "comma-separated mixers (default: all seven)"),
-    "contexts": (lambda text: tuple(_int_list(text)), "context lengths for prefill/decode/cache (default 128,256,512,1024)"),
+    "contexts": (
+        lambda text: tuple(_int_list(text)),
+        "context lengths for prefill/decode/cache (default 128,256,512,1024)",
+    ),
     "sections": (lambda text: tuple(_name_list(text)), "comma-separated subset of train,prefill,decode,cache"),
     "threads": (int, "torch intra-op threads (default: torch's)"),
     "repeats": (int, "timed runs per measurement (train: turns per model; default 3)"),
@@ -277,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--preset", default="cpu-tiny", choices=presets.preset_names())
     train.add_argument("--config", help="YAML file with model: and/or train: sections (overrides the preset)")
-    train.add_argument("--layers", help="layer pattern: uniform:<mixer>, hybrid:<mixer>, <placement>:<mixer>, or a list")
+    train.add_argument(
+        "--layers", help="layer pattern: uniform:<mixer>, hybrid:<mixer>, <placement>:<mixer>, or a list"
+    )
     train.add_argument("--out", help="output folder (default: runs/<preset>-<layers>)")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     for flag, (field, kind, help_text) in TRAIN_FLAGS.items():
@@ -335,13 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_checkpoint_arguments(analyze)
     analyze.add_argument("--out", required=True, help="output folder")
-    analyze.add_argument("--data", default="builtin", help="corpus whose held-out text the models read (--data of train)")
+    analyze.add_argument(
+        "--data", default="builtin", help="corpus whose held-out text the models read (--data of train)"
+    )
     analyze.add_argument("--num-seqs", type=int, default=16, help="held-out sequences")
     analyze.add_argument("--seq-len", type=int, help="tokens per sequence (default: the models' context length)")
     analyze.add_argument("--batch-size", type=int, default=4)
     analyze.add_argument(
-        "--metrics", nargs="*", metavar="RUN", help="runs (or metrics.jsonl files) for the loss curves (default: "
-        "the checkpoints' own runs; give none to skip)"
+        "--metrics",
+        nargs="*",
+        metavar="RUN",
+        help="runs (or metrics.jsonl files) for the loss curves (default: "
+        "the checkpoints' own runs; give none to skip)",
     )
     analyze.add_argument("--heatmap-model", type=int, default=0, help="index of the model whose mean maps are drawn")
     analyze.set_defaults(handler=command_analyze)

@@ -315,7 +315,9 @@ def check_tasks(manager, selection: TaskSelection) -> str | None:
     for name in selection.names:
         if name not in known:
             close = difflib.get_close_matches(name, [*known, *TASK_LISTS], n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; see `lm-eval ls tasks` or use a task YAML path"
+            hint = (
+                f"; did you mean {', '.join(close)}?" if close else "; see `lm-eval ls tasks` or use a task YAML path"
+            )
             raise ValueError(f"unknown task {name!r}{hint}")
     needs_probe = selection.harness_tasks or any(not _is_ours(name, selection) for name in selection.names)
     unreachable = hub_unreachable_reason() if needs_probe else None
@@ -354,8 +356,13 @@ def run_harness(lm, manager, names: Sequence[str], limit: int | float | None, lo
     offline = _hub_offline() if getattr(manager, "attnlab_hub_unreachable", None) else contextlib.nullcontext()
     with offline, _quiet("lm_eval"):  # progress bars stay; per-request truncation and config notices go
         return lm_eval.simple_evaluate(
-            model=lm, tasks=list(names), task_manager=manager, limit=limit, log_samples=log_samples,
-            num_fewshot=0, bootstrap_iters=1000,
+            model=lm,
+            tasks=list(names),
+            task_manager=manager,
+            limit=limit,
+            log_samples=log_samples,
+            num_fewshot=0,
+            bootstrap_iters=1000,
         )
 
 
@@ -386,8 +393,8 @@ def evaluate_checkpoint(
     `ppl_contexts` with `ppl_data`: rolling perplexity of that text file with the context window set to
     each length (paper Table 4), under `record["ppl_contexts"]`. `corpus` is the corpus whose held-out
     split the built-in tasks are made from. `max_length` is the harness's context window (default: the
-    length the model was trained on, see `LoadedCheckpoint.context_length`). With `log_samples`, `record["samples"]` holds the harness's
-    per-sample log (not JSON-clean; `write_samples` writes it).
+    length the model was trained on, see `LoadedCheckpoint.context_length`). With `log_samples`,
+    `record["samples"]` holds the harness's per-sample log (not JSON-clean; `write_samples` writes it).
     """
     if ppl_contexts and ppl_data is None:
         raise ValueError("--ppl-contexts needs --ppl-data FILE (a text file to measure perplexity on)")
@@ -396,8 +403,10 @@ def evaluate_checkpoint(
     loaded = load_checkpoint(checkpoint, device=device, dtype=dtype, skip_nonstandard=skip_nonstandard)
     config = loaded.model.config
     if max_length is not None and not 2 <= max_length <= config.max_position_embeddings:
-        raise ValueError(f"--max-length {max_length} is outside 2..{config.max_position_embeddings} "
-                         "(the model's max_position_embeddings)")
+        raise ValueError(
+            f"--max-length {max_length} is outside 2..{config.max_position_embeddings} "
+            "(the model's max_position_embeddings)"
+        )
     kind, mixer = describe_pattern(config.mixer_types)
     record: dict = {}
     if selection is not None:

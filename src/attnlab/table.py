@@ -57,8 +57,16 @@ _FALLBACK_METRICS = ("acc", "acc_norm", "exact_match", "word_perplexity", "perpl
 # splits the harness evaluates: BoolQ validation 2033 of 3270 true, RTE validation 146 of 277 entailment,
 # COPA validation 55 of 100 first choice, PIQA validation 928 of 1838 second solution.
 RANDOM_GUESS = {
-    "arc_easy": 25.0, "boolq": 50.0, "copa": 50.0, "piqa": 50.0, "sciq": 25.0, "rte": 50.0, "hellaswag": 25.0,
-    "lambada_openai": 0.0, "lastword": 0.0, "cloze": 25.0,
+    "arc_easy": 25.0,
+    "boolq": 50.0,
+    "copa": 50.0,
+    "piqa": 50.0,
+    "sciq": 25.0,
+    "rte": 50.0,
+    "hellaswag": 25.0,
+    "lambada_openai": 0.0,
+    "lastword": 0.0,
+    "cloze": 25.0,
 }
 MAJORITY_CLASS = {"boolq": 100 * 2033 / 3270, "rte": 100 * 146 / 277, "copa": 55.0, "piqa": 100 * 928 / 1838}
 GROUPS = ("reference", "standard", "uniform", "hybrid", "skip", "mixed")
@@ -150,8 +158,10 @@ def markdown_table(records: Sequence[dict]) -> str:
         "|---|---|" + "---:|" * len(columns),
     ]
     for row in rows:
-        cells = [format_cell(*cell_value(row, column), column.is_accuracy or column.header == NLU_AVERAGE)
-                 for column in columns]
+        cells = [
+            format_cell(*cell_value(row, column), column.is_accuracy or column.header == NLU_AVERAGE)
+            for column in columns
+        ]
         if row.record is None and set(cells) <= {"–"}:
             continue  # a reference row with nothing to say about these tasks
         lines.append(f"| {row.group} | {row.label} | " + " | ".join(cells) + " |")
@@ -169,8 +179,13 @@ def csv_table(records: Sequence[dict]) -> str:
     writer.writerow(header)
     for row in ordered_rows(records):
         meta = row.record["attnlab"] if row.record else {}
-        line = [row.group, row.label, meta.get("checkpoint", ""), meta.get("parameters", ""),
-                ",".join(meta.get("mixer_types", []))]
+        line = [
+            row.group,
+            row.label,
+            meta.get("checkpoint", ""),
+            meta.get("parameters", ""),
+            ",".join(meta.get("mixer_types", [])),
+        ]
         for column in columns:
             value, stderr = cell_value(row, column)
             line += ["" if value is None else repr(value), "" if stderr is None else repr(stderr)]
