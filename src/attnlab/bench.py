@@ -69,7 +69,7 @@ class BenchSettings:
     train_batch_size: int = 16
     train_seq_len: int = 128
     train_steps: int = 2  # timed optimizer steps per turn
-    decode_batch_size: int = 1
+    decode_batch_size: int = 8  # sequences per prefill/decode: enough that attention over the context shows
     decode_tokens: int = 16  # cached single-token steps timed per run
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0

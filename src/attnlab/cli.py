@@ -21,6 +21,8 @@ MODEL_FLAGS = {
     "--num-attention-heads": ("num_attention_heads", int),
     "--num-key-value-heads": ("num_key_value_heads", int),
     "--head-dim": ("head_dim", int),
+    "--max-position-embeddings": ("max_position_embeddings", int),
+    "--rope-theta": ("rope_theta", float),
 }
 MODEL_SWITCHES = {
     "--qk-norm": "qk_norm",
@@ -89,6 +91,9 @@ TRAIN_FLAGS = {
     "--max-steps": ("max_steps", int, "optimizer steps (overrides --tokens)"),
     "--lr": ("lr", float, "peak learning rate"),
     "--warmup-steps": ("warmup_steps", int, "linear warm-up steps"),
+    "--weight-decay": ("weight_decay", float, "AdamW weight decay on matrices and embeddings"),
+    "--beta1": ("beta1", float, "AdamW beta1"),
+    "--beta2": ("beta2", float, "AdamW beta2"),
     "--seed": ("seed", int, "seed of initialisation and data order"),
     "--save-every": ("save_every", int, "steps between checkpoints"),
     "--keep-checkpoints": ("keep_checkpoints", int, "newest checkpoints kept"),
@@ -231,6 +236,63 @@ def command_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_recall(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluation import evaluate_recall
+    from .runconfig import write_text_atomic
+    from .train import pick_device
+
+    if len(args.checkpoints) != 1:
+        raise ValueError("attnlab recall takes one checkpoint")
+    record = evaluate_recall(
+        args.checkpoints[0],
+        args.task,
+        num_examples=args.num_examples,
+        batch_size=args.batch_size,
+        device=str(pick_device(args.device)),
+        skip_nonstandard=args.skip_nonstandard,
+    )
+    write_text_atomic(Path(args.out), json.dumps(record, indent=1) + "\n")
+    print(
+        f"attnlab: {record['task']}: accuracy {100 * record['accuracy']:.1f} ± {100 * record['stderr']:.1f} % "
+        f"(chance {100 * record['chance']:.1f} %) over {record['examples']} examples; written to {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def command_study(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .study import build_study, dry_run_text, run_study
+
+    study = build_study(
+        args.preset,
+        mixers=_name_list(args.mixers) if args.mixers else None,
+        tokens=args.tokens,
+        max_steps=args.max_steps,
+        eval_limit=args.eval_limit,
+        eval_data=args.eval_data,
+        device=args.device,
+    )
+    out = Path(args.out or f"studies/{args.preset.replace(':', '-')}").resolve()
+    if args.dry_run:
+        print(dry_run_text(study, out))
+        return 0
+    slurm = {"partition": args.slurm_partition, "gpus_per_node": args.slurm_gpus, "timeout_min": args.slurm_time}
+    result = run_study(study, out, jobs=args.jobs, resume=args.resume, executor=args.executor, slurm=slurm)
+    print(f"attnlab: report in {result['report']}", file=sys.stderr)
+    if result["failed"]:
+        print(
+            f"attnlab: error: {len(result['failed'])} part(s) failed: {', '.join(result['failed'])}; "
+            f"fix the cause (see their log.txt) and rerun with --resume",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def _name_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -263,7 +325,7 @@ BENCH_OPTIONS = {
     "train_batch_size": (int, "training sequences per step (default 16)"),
     "train_seq_len": (int, "training tokens per sequence (default 128)"),
     "train_steps": (int, "timed training steps per turn (default 2)"),
-    "decode_batch_size": (int, "sequences in the prefill/decode runs (default 1)"),
+    "decode_batch_size": (int, "sequences in the prefill/decode runs (default 8)"),
     "decode_tokens": (int, "cached single-token steps timed per run (default 16)"),
     "device": (str, "auto | cpu | cuda | cuda:N"),
     "seed": (int, "seed of weights and tokens (default 0)"),
@@ -371,6 +433,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     analyze.add_argument("--heatmap-model", type=int, default=0, help="index of the model whose mean maps are drawn")
     analyze.set_defaults(handler=command_analyze)
+
+    recall = subcommands.add_parser(
+        "recall",
+        help="accuracy on a synthetic recall task (MQAR, induction) of a model trained on one",
+        description="Accuracy at the scored positions of held-out examples of a synthetic task (attnlab.synthetic); "
+        "the task defaults to the one the checkpoint was trained on (its --data).",
+    )
+    add_checkpoint_arguments(recall)
+    recall.add_argument("--task", help="task spec, e.g. mqar:pairs=8,vocab=128 (default: the run's --data)")
+    recall.add_argument("--num-examples", type=int, default=512, help="held-out examples (default 512)")
+    recall.add_argument("--batch-size", type=int, default=64)
+    recall.add_argument("--skip-nonstandard", action="store_true", help="remove the non-standard layers (skip)")
+    recall.add_argument("--out", default="recall.json", help="results file (default: recall.json)")
+    recall.set_defaults(handler=command_recall)
+
+    study = subcommands.add_parser(
+        "study",
+        help="the paper's experiment grid in one resumable command, ending with DIR/report.md",
+        description="Train, evaluate and analyse every run of a study preset, up to --jobs at a time, then write "
+        "DIR/report.md (Table-1-style table, figures, the paper's claims checked) and DIR/report.csv. Presets: "
+        "quick (cpu-tiny, minutes on a laptop), placements:<mixer> (spec §7 placements and the share of standard "
+        "layers), paper-70m, paper-160m, paper-500m (GPU, torchrun on the local devices).",
+    )
+    study.add_argument(
+        "--preset", default="quick", help="quick | placements:<mixer> | paper-70m | paper-160m | paper-500m"
+    )
+    study.add_argument("--out", help="study folder (default: studies/<preset>)")
+    study.add_argument("--resume", action="store_true", help="continue the study in --out, reusing finished runs")
+    study.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2; each gets cores/jobs threads)")
+    study.add_argument("--dry-run", action="store_true", help="print the runs and their commands, run nothing")
+    study.add_argument("--mixers", help="comma-separated subset of the six variants (default: all)")
+    study.add_argument("--tokens", type=int, help="training tokens of each corpus run (overrides the preset)")
+    study.add_argument("--max-steps", type=int, help="optimizer steps of every run (overrides --tokens)")
+    study.add_argument("--eval-limit", type=_limit, help="examples per evaluation task (default: all)")
+    study.add_argument("--eval-data", metavar="DIR", help="paper presets: read the nine tasks from local copies")
+    study.add_argument("--device", help="auto | cpu | cuda (default: the presets')")
+    study.add_argument("--executor", default="local", choices=("local", "submitit-local", "slurm"))
+    study.add_argument("--slurm-partition", help="Slurm partition (--executor slurm)")
+    study.add_argument("--slurm-gpus", type=int, default=8, help="GPUs per Slurm job (default 8)")
+    study.add_argument("--slurm-time", type=int, default=24 * 60, help="minutes per Slurm job (default 1440)")
+    study.set_defaults(handler=command_study)
 
     bench = subcommands.add_parser(
         "bench",

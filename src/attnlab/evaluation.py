@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -150,17 +151,23 @@ class LoadedCheckpoint:
         return min(self.trained_seq_len, limit) if self.trained_seq_len else limit
 
 
-def trained_seq_len(path: Path) -> int | None:
-    """`train.seq_len` of the run that wrote the checkpoint (OUT/run_config.yaml), or None if unknown."""
+def run_settings(path: Path) -> dict:
+    """OUT/run_config.yaml of the run that wrote a checkpoint (beside it or one folder up), or {}."""
     for folder in (path, path.parent):
         run_config = folder / "run_config.yaml"
         if run_config.is_file():
             try:
-                value = (yaml.safe_load(run_config.read_text()) or {}).get("train", {}).get("seq_len")
-            except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
-                return None
-            return value if isinstance(value, int) and value > 0 else None
-    return None
+                settings = yaml.safe_load(run_config.read_text()) or {}
+            except (yaml.YAMLError, UnicodeDecodeError):
+                return {}
+            return settings if isinstance(settings, dict) else {}
+    return {}
+
+
+def trained_seq_len(path: Path) -> int | None:
+    """`train.seq_len` of the run that wrote the checkpoint (OUT/run_config.yaml), or None if unknown."""
+    value = (run_settings(path).get("train") or {}).get("seq_len")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def find_tokenizer_folder(path: Path) -> Path:
@@ -172,9 +179,14 @@ def find_tokenizer_folder(path: Path) -> Path:
 
 
 def load_checkpoint(
-    checkpoint: str | Path, device: str = "cpu", dtype: str = "float32", skip_nonstandard: bool = False
+    checkpoint: str | Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    skip_nonstandard: bool = False,
+    with_tokenizer: bool = True,
 ) -> LoadedCheckpoint:
-    """An attnlab model and its tokenizer from a training output folder or one of its checkpoint folders.
+    """An attnlab model and its tokenizer from a training output folder or one of its checkpoint folders
+    (`with_tokenizer=False`: no tokenizer, as for models trained on synthetic tasks; `tokenizer` is None).
 
     `skip_nonstandard=True` is paper Table 1's "skip": the non-standard layers are removed (identity).
     Raises ValueError with one line for a missing, incomplete or non-attnlab checkpoint.
@@ -197,7 +209,7 @@ def load_checkpoint(
         raise ValueError(f"{path} holds a {model_type!r} model, not an attnlab one (model_type 'attnlab')")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ValueError(f"{path} has a config but no weights (*.safetensors); the save did not finish")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(find_tokenizer_folder(path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(find_tokenizer_folder(path)) if with_tokenizer else None
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch_dtype, skip_nonstandard=skip_nonstandard
@@ -289,6 +301,21 @@ def _hub_offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = previous
 
 
+@contextlib.contextmanager
+def _environment(**variables: str) -> Iterator[None]:
+    """Set environment variables for the duration, then restore them."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @functools.lru_cache(maxsize=4)
 def checked_task_manager(selection: TaskSelection, **metadata):
     """A harness TaskManager that knows the selection's tasks (the harness's own only when needed), with
@@ -354,7 +381,13 @@ def run_harness(lm, manager, names: Sequence[str], limit: int | float | None, lo
     import lm_eval
 
     offline = _hub_offline() if getattr(manager, "attnlab_hub_unreachable", None) else contextlib.nullcontext()
-    with offline, _quiet("lm_eval"):  # progress bars stay; per-request truncation and config notices go
+    # bootstrap_iters=1000 is one chunk: the harness's process pool for it would only add start-up time
+    # (~20 s in a spawned worker of attnlab study).
+    with (
+        offline,
+        _environment(DISABLE_MULTIPROC="1"),
+        _quiet("lm_eval"),
+    ):  # progress bars stay; truncation and config notices go
         return lm_eval.simple_evaluate(
             model=lm,
             tasks=list(names),
@@ -407,7 +440,6 @@ def evaluate_checkpoint(
             f"--max-length {max_length} is outside 2..{config.max_position_embeddings} "
             "(the model's max_position_embeddings)"
         )
-    kind, mixer = describe_pattern(config.mixer_types)
     record: dict = {}
     if selection is not None:
         output = run_harness(harness_lm(loaded, batch_size, max_length), manager, selection.names, limit, log_samples)
@@ -417,26 +449,70 @@ def evaluate_checkpoint(
     if ppl_contexts:
         record["ppl_contexts"] = perplexity_by_context(loaded, ppl_data, ppl_contexts, batch_size, corpus)
     record["attnlab"] = {
-        "checkpoint": str(checkpoint),
-        "mixer_types": list(config.mixer_types),
-        "kind": kind,
-        "mixer": mixer,
-        "skip_nonstandard": bool(skip_nonstandard),
-        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        **checkpoint_metadata(checkpoint, loaded, skip_nonstandard, device, dtype),
         "max_length": max_length or loaded.context_length,
         "trained_seq_len": loaded.trained_seq_len,
         "tasks": list(selection.names) if selection else [],
         "eval_data": selection.eval_data if selection else None,
         "limit": limit,
         "batch_size": batch_size,
+        "harness_version": _version("lm-eval"),
+    }
+    return record
+
+
+def checkpoint_metadata(checkpoint, loaded: LoadedCheckpoint, skip_nonstandard: bool, device: str, dtype: str) -> dict:
+    """What every results file says about the model it evaluated and how."""
+    kind, mixer = describe_pattern(loaded.model.config.mixer_types)
+    return {
+        "checkpoint": str(checkpoint),
+        "mixer_types": list(loaded.model.config.mixer_types),
+        "kind": kind,
+        "mixer": mixer,
+        "skip_nonstandard": bool(skip_nonstandard),
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "device": device,
         "dtype": dtype,
-        "harness_version": _version("lm-eval"),
         "attnlab_version": _version("attnlab"),
         "torch_version": torch.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    return record
+
+
+def evaluate_recall(
+    checkpoint: str | Path,
+    task_spec: str | None = None,
+    *,
+    num_examples: int = 512,
+    batch_size: int = 64,
+    device: str = "cpu",
+    skip_nonstandard: bool = False,
+) -> dict:
+    """Accuracy of a checkpoint on held-out examples of a synthetic recall task (`attnlab.synthetic`).
+
+    `task_spec` defaults to the task the run was trained on (its `train.data`); the sequence length and the
+    seed are the run's. Returns {"task", "accuracy", "stderr", "chance", counts…, "attnlab": metadata}.
+    """
+    from .synthetic import is_task_spec, parse_task_spec, recall_accuracy
+
+    path = Path(checkpoint)
+    train = run_settings(path).get("train") or {}
+    spec = task_spec or train.get("data")
+    if not spec or not is_task_spec(spec):
+        raise ValueError(
+            f"{path} was not trained on a synthetic task (train.data = {spec!r}); give one with --task, "
+            "e.g. --task mqar:pairs=8"
+        )
+    loaded = load_checkpoint(path, device=device, skip_nonstandard=skip_nonstandard, with_tokenizer=False)
+    seq_len = loaded.trained_seq_len or loaded.model.config.max_position_embeddings
+    task = parse_task_spec(spec, seq_len)
+    if task.vocab_size > loaded.model.config.vocab_size:
+        raise ValueError(
+            f"task {spec!r} uses {task.vocab_size} tokens but the model has {loaded.model.config.vocab_size}"
+        )
+    result = recall_accuracy(loaded.model, task, num_examples, batch_size, device, seed=int(train.get("seed", 0)))
+    metadata = checkpoint_metadata(checkpoint, loaded, skip_nonstandard, device, "float32")
+    return {"task": spec, "seq_len": seq_len, **result, "chance": task.chance_accuracy, "attnlab": metadata}
 
 
 def perplexity_by_context(

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from . import presets
+from . import presets, synthetic
 from .config import AttnLabConfig
 
 
@@ -24,6 +24,7 @@ class TrainConfig:
     """Training settings; the defaults are the paper's (spec §4), the presets adjust sizes and budgets."""
 
     data: str = "builtin"  # builtin | hf:<name>[:<config>] | local .txt/.jsonl/.jsonl.zst/.parquet files or globs
+    # ... or a synthetic task, mqar[:vocab=,pairs=,queries=,filler=] | induction[:vocab=,prefix=] (no tokenizer)
     tokenizer: str = "bpe:4096"  # an AutoTokenizer name or path, or bpe:<vocab> trained on the training text
     seq_len: int = 2048  # tokens per sequence
     batch_size: int = 8  # sequences per micro-batch on each device
@@ -119,6 +120,8 @@ def _build_train_config(values: dict[str, Any]) -> TrainConfig:
         raise ValueError("--lr and grad_clip must be positive")
     if train.parallel not in ("auto", "ddp", "fsdp"):
         raise ValueError(f"parallel must be auto, ddp or fsdp, got {train.parallel!r}")
+    if synthetic.is_task_spec(train.data):
+        synthetic.parse_task_spec(train.data, train.seq_len)  # a bad task spec fails now, with its message
     return train
 
 

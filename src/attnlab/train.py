@@ -3,6 +3,10 @@
 Reads top to bottom: set up devices → data and tokenizer → model → optimizer and schedule → (resume) →
 the loop (accumulate, clip, guard against divergence, step, log, evaluate, checkpoint) → final model.
 
+`--data` names a text corpus, or a synthetic task (`mqar:…`, `induction:…`; see `attnlab.synthetic`).
+For a task there is no tokenizer: the model's vocabulary is the task's, batches come with their own
+labels (-100 where nothing is scored), and the held-out evaluation also logs `eval_accuracy`.
+
 Under `torchrun` every rank runs this same function: DDP (or FSDP2 with `parallel: fsdp`), gloo on CPU,
 NCCL on CUDA; the data stream is sharded by rank; rank 0 logs and writes files.
 
@@ -30,6 +34,7 @@ import torch.distributed as dist
 import yaml
 
 from . import data as attnlab_data
+from . import synthetic
 from .checkpoint import latest_checkpoint, load_trainer_state, remove_stale_temporaries, save_checkpoint
 from .config import AttnLabConfig
 from .model import AttnLabForCausalLM
@@ -123,24 +128,36 @@ def _train(run: RunConfig, out: Path, resume: bool, devices: Devices) -> Path:
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
 
-    # Data and tokenizer. The tokenizer is built once (rank 0) and read back by every rank from OUT.
-    corpus = attnlab_data.open_corpus(settings.data)
-    if not resume:
-        devices.main_decides(lambda: attnlab_data.build_tokenizer(settings.tokenizer, corpus).save_pretrained(out))
-    tokenizer = _load_tokenizer(out)
-    stream = attnlab_data.make_train_stream(
-        corpus, tokenizer, settings.seq_len, settings.seed, rank=devices.rank, world_size=devices.world_size
-    )
-    heldout = attnlab_data.heldout_sequences(corpus, tokenizer, settings.seq_len, settings.eval_sequences)
+    # Data: a synthetic task (examples made on the fly, no tokenizer), or a corpus and its tokenizer. The
+    # tokenizer is built once (rank 0) and read back by every rank from OUT.
+    task = synthetic.parse_task_spec(settings.data, settings.seq_len) if synthetic.is_task_spec(settings.data) else None
+    if task is not None:
+        stream = synthetic.SyntheticTrainStream(task, settings.seed, rank=devices.rank, world_size=devices.world_size)
+        heldout = synthetic.heldout_examples(task, settings.seed, settings.eval_sequences)  # (inputs, labels)
+        vocabulary = {"vocab_size": task.vocab_size}
+    else:
+        corpus = attnlab_data.open_corpus(settings.data)
+        if not resume:
+            devices.main_decides(lambda: attnlab_data.build_tokenizer(settings.tokenizer, corpus).save_pretrained(out))
+        tokenizer = _load_tokenizer(out)
+        stream = attnlab_data.make_train_stream(
+            corpus, tokenizer, settings.seq_len, settings.seed, rank=devices.rank, world_size=devices.world_size
+        )
+        heldout = attnlab_data.heldout_sequences(corpus, tokenizer, settings.seq_len, settings.eval_sequences)
+        vocabulary = _tokenizer_vocabulary(tokenizer)
 
     # Model: from the checkpoint when resuming (exact weights and buffers), else from the config.
     if checkpoint is not None:
         model = AttnLabForCausalLM.from_pretrained(checkpoint)
     else:
-        model = AttnLabForCausalLM(_model_config(run, tokenizer))
-        if "fixedseqqk" in model.config.mixer_types:  # t_s = the first L_max tokens of the training corpus
-            ids = attnlab_data.first_tokens(corpus, tokenizer, model.config.shadow_seq_len)
-            model.model.set_fixed_sequence(ids, source=f"corpus:{corpus.description}")
+        model = AttnLabForCausalLM(_model_config(run, vocabulary))
+        if "fixedseqqk" in model.config.mixer_types:  # t_s = the first L_max tokens of the training data
+            length = model.config.shadow_seq_len
+            if task is not None:
+                ids, source = synthetic.first_tokens(task, settings.seed, length), f"synthetic:{task.spec}"
+            else:
+                ids, source = attnlab_data.first_tokens(corpus, tokenizer, length), f"corpus:{corpus.description}"
+            model.model.set_fixed_sequence(ids, source=source)
     model.to(devices.device)
     raw_model = model
     sharded = devices.world_size > 1 and _resolve_parallel(settings.parallel, raw_model) == "fsdp"
@@ -182,11 +199,11 @@ def _train(run: RunConfig, out: Path, resume: bool, devices: Devices) -> Path:
         model.train()
         loss_sum = torch.zeros((), device=devices.device)
         for micro_step in range(accumulation):
-            batch = stream.next_batch(settings.batch_size).to(devices.device)  # [batch, seq_len]
+            batch, labels = _next_batch(stream, settings.batch_size, devices.device)  # [batch, seq_len] each
             last = micro_step == accumulation - 1
             sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync, autocast:
-                loss = model(input_ids=batch, labels=batch, return_logits=False).loss / accumulation
+                loss = model(input_ids=batch, labels=labels, return_logits=False).loss / accumulation
                 if fault.poisons(step + 1):
                     loss = loss * float("nan")
                 loss.backward()
@@ -218,10 +235,23 @@ def _train(run: RunConfig, out: Path, resume: bool, devices: Devices) -> Path:
             "epoch": stream.epoch,
         }
         if step == total_steps or (settings.eval_every and step % settings.eval_every == 0):
-            record["eval_loss"] = evaluate_loss(raw_model, heldout, settings.batch_size, devices.device)
+            record.update(evaluate_heldout(raw_model, heldout, settings.batch_size, devices.device))
         logger.log(record)
         if step % settings.save_every == 0 or step == total_steps:
-            _save(out, step, raw_model, optimizer, scheduler, stream, tokens_seen, skipped, settings, devices, fault, sharded)
+            _save(
+                out,
+                step,
+                raw_model,
+                optimizer,
+                scheduler,
+                stream,
+                tokens_seen,
+                skipped,
+                settings,
+                devices,
+                fault,
+                sharded,
+            )
 
     final_model = _gathered_model(raw_model, sharded, devices)
     if devices.is_main:
@@ -229,6 +259,22 @@ def _train(run: RunConfig, out: Path, resume: bool, devices: Devices) -> Path:
     logger.close()
     devices.barrier()
     return out
+
+
+def _next_batch(stream, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels) on `device`: a synthetic stream gives both, a text stream's labels are its inputs."""
+    batch = stream.next_batch(batch_size)
+    input_ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
+    return input_ids.to(device), labels.to(device)
+
+
+def evaluate_heldout(model, heldout, batch_size: int, device: torch.device) -> dict[str, float]:
+    """`eval_loss` on held-out text sequences [n, seq_len]; for a synthetic task's (inputs, labels) the loss
+    at the scored positions and `eval_accuracy` there (see `synthetic.evaluate_examples`)."""
+    if isinstance(heldout, tuple):
+        scores = synthetic.evaluate_examples(model, *heldout, batch_size, device)
+        return {"eval_loss": scores["loss"], "eval_accuracy": scores["accuracy"]}
+    return {"eval_loss": evaluate_loss(model, heldout, batch_size, device)}
 
 
 def evaluate_loss(model, sequences: torch.Tensor, batch_size: int, device: torch.device) -> float:
@@ -285,15 +331,21 @@ def _load_tokenizer(out: Path):
     return AutoTokenizer.from_pretrained(out)
 
 
-def _model_config(run: RunConfig, tokenizer) -> AttnLabConfig:
-    """The preset's model options with the vocabulary sized to the tokenizer (rounded up to a multiple of 64:
-    Pythia's 50277 tokens → 50304, as in the paper) and its special token ids."""
-    options = dict(run.model)
-    options["vocab_size"] = 64 * math.ceil(len(tokenizer) / 64)
-    options["eos_token_id"] = tokenizer.eos_token_id
-    options["bos_token_id"] = tokenizer.bos_token_id
-    options["pad_token_id"] = tokenizer.pad_token_id
-    config = AttnLabConfig(**options)
+def _tokenizer_vocabulary(tokenizer) -> dict[str, int | None]:
+    """The vocabulary sized to the tokenizer (rounded up to a multiple of 64: Pythia's 50277 tokens → 50304,
+    as in the paper) and its special token ids."""
+    return {
+        "vocab_size": 64 * math.ceil(len(tokenizer) / 64),
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _model_config(run: RunConfig, vocabulary: dict[str, int | None]) -> AttnLabConfig:
+    """The preset's model options with the vocabulary of the data (`_tokenizer_vocabulary`, or a synthetic
+    task's exact vocabulary size)."""
+    config = AttnLabConfig(**{**run.model, **vocabulary})
     if run.train.seq_len > config.max_position_embeddings:
         raise ValueError(
             f"--seq-len {run.train.seq_len} exceeds the model's max_position_embeddings="
@@ -536,12 +588,15 @@ class _Logger:
         self.metrics.flush()
         for key, value in record.items():
             if key != "step" and self.tensorboard is not None:
-                self.tensorboard.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", value, record["step"])
+                tag = f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+                self.tensorboard.add_scalar(tag, value, record["step"])
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
         summary = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:,.0f} tok/s"
         if "eval_loss" in record:
             summary += f"  held-out {record['eval_loss']:.4f}"
+        if "eval_accuracy" in record:
+            summary += f"  accuracy {record['eval_accuracy']:.1%}"
         if self.progress is not None:
             self.progress.set_postfix_str(summary, refresh=False)
             self.progress.update(1)

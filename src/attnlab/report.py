@@ -1,0 +1,501 @@
+"""A study's `report.md` (issue 7): the Table-1-style table, figures, and the paper's claims checked.
+
+Everything is read back from the run folders the study wrote (`attnlab.study`): the harness results
+(`results.json`, `skip.json`), recall accuracies (`recall.json`, `recall-skip.json`), training stage
+records (seconds, divergence) and the analyses' `indicators.json`. The claims section is computed from
+those numbers by the `CLAIMS` functions, each of which states its thresholds; nothing in it is written by
+hand. Missing numbers (a failed or unfinished run) show as "–" and turn a claim into "cannot tell".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .runconfig import write_text_atomic
+from .study import STUDY_FILES, run_folder
+
+AGREES, DISAGREES, CANNOT_TELL = "agrees", "disagrees", "cannot tell"
+NEAR_CHANCE_POINTS = 5.0  # an accuracy within max(this, 2 stderr) points of chance is "at chance"
+WELL_ABOVE_POINTS = 25.0  # and this many points above it is "well above chance"
+CLOSE_PPL_RATIO = 1.10  # "close to standard": held-out perplexity within 10 % …
+CLOSE_ACC_POINTS = 5.0  # … and recall accuracy within max(this, 2 combined stderr) points
+COLLAPSE_PPL_RATIO = 2.0  # "collapses": perplexity at least twice that of the model it came from
+
+
+@dataclass
+class Measure:
+    value: float | None = None
+    stderr: float | None = None
+
+
+@dataclass
+class Row:
+    """One row of the main table: a (kind, mixer) pair with its corpus and recall numbers."""
+
+    group: str  # standard | uniform | hybrid | skip | a placement name
+    mixer: str
+    layers: str = ""
+    heldout_ppl: Measure = field(default_factory=Measure)
+    lastword: Measure = field(default_factory=Measure)  # accuracy, percent
+    cloze: Measure = field(default_factory=Measure)  # accuracy, percent
+    recall: Measure = field(default_factory=Measure)  # accuracy at query positions, percent
+    recall_chance: float | None = None  # percent
+    parameters: int | None = None
+    train_seconds: float | None = None  # corpus run
+    recall_train_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)  # "diverged", "failed", …
+
+    @property
+    def label(self) -> str:
+        return self.mixer if self.group in ("uniform", "hybrid", "skip") else self.group
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _harness_measure(record: dict | None, task: str, metric: str, percent: bool) -> Measure:
+    results = (record or {}).get("results", {}).get(task, {})
+    value, stderr = results.get(f"{metric},none"), results.get(f"{metric}_stderr,none")
+    scale = 100.0 if percent else 1.0
+    value = float(value) * scale if isinstance(value, (int, float)) else None
+    stderr = float(stderr) * scale if isinstance(stderr, (int, float)) else None
+    return Measure(value, stderr)
+
+
+def _fill_corpus(row: Row, folder: Path, results_file: str) -> None:
+    record = _read_json(folder / STUDY_FILES / results_file)
+    if record is None:
+        row.notes.append(f"no {results_file}")
+        return
+    row.heldout_ppl = _harness_measure(record, "heldout", "word_perplexity", percent=False)
+    row.lastword = _harness_measure(record, "lastword", "acc", percent=True)
+    row.cloze = _harness_measure(record, "cloze", "acc", percent=True)
+    row.parameters = record.get("attnlab", {}).get("parameters")
+
+
+def _fill_recall(row: Row, folder: Path, results_file: str) -> None:
+    record = _read_json(folder / STUDY_FILES / results_file)
+    if record is None:
+        row.notes.append(f"no {results_file}")
+        return
+    row.recall = Measure(100.0 * record["accuracy"], 100.0 * record["stderr"])
+    row.recall_chance = 100.0 * record["chance"]
+
+
+def _train_seconds(folder: Path, row: Row) -> float | None:
+    record = _read_json(folder / STUDY_FILES / "stages" / "train.json")
+    if record is None:
+        return None
+    if record.get("status") == "diverged":
+        row.notes.append(f"{folder.name} diverged")
+    return float(record["seconds"])
+
+
+def collect_rows(out: Path, study) -> list[Row]:
+    """Rows in study order: each (kind, mixer) once, with skip rows for runs evaluated with skip."""
+    rows: dict[tuple[str, str], Row] = {}
+
+    def row_for(group: str, run) -> Row:
+        return rows.setdefault((group, run.mixer), Row(group, run.mixer, run.layers))
+
+    for run in study.runs:
+        folder = run_folder(out, run)
+        row = row_for(run.kind, run)
+        if run.data == "corpus":
+            row.train_seconds = _train_seconds(folder, row)
+            _fill_corpus(row, folder, "results.json")
+            if run.skip:
+                skip = row_for("skip", run)
+                _fill_corpus(skip, folder, "skip.json")
+                skip.train_seconds = row.train_seconds
+        else:
+            row.recall_train_seconds = _train_seconds(folder, row)
+            _fill_recall(row, folder, "recall.json")
+            if run.skip:
+                skip = row_for("skip", run)
+                _fill_recall(skip, folder, "recall-skip.json")
+                skip.recall_train_seconds = row.recall_train_seconds
+    order = {"standard": 0, "uniform": 1, "hybrid": 2, "skip": 3}
+    return sorted(rows.values(), key=lambda row: order.get(row.group, 4))  # stable: study order within a group
+
+
+# --- the table -------------------------------------------------------------------------------------
+
+
+def _cell(measure: Measure, digits: int = 1) -> str:
+    if measure.value is None or not math.isfinite(measure.value):
+        return "–" if measure.value is None else str(measure.value)
+    text = f"{measure.value:.{digits}f}" if measure.value < 1e5 else f"{measure.value:.1E}"
+    return text + (f" ± {measure.stderr:.{digits}f}" if measure.stderr is not None else "")
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def table_cells(row: Row) -> list[str]:
+    return [
+        row.group,
+        row.label,
+        _cell(row.heldout_ppl),
+        _cell(row.lastword),
+        _cell(row.cloze),
+        _cell(row.recall),
+        "–" if row.parameters is None else f"{row.parameters / 1e6:.2f}M",
+        _seconds(row.train_seconds),
+        _seconds(row.recall_train_seconds),
+    ]
+
+
+HEADER = [
+    "group",
+    "model",
+    "held-out word ppl",
+    "lastword acc",
+    "cloze acc",
+    "MQAR acc",
+    "params (corpus)",
+    "train s (corpus)",
+    "train s (MQAR)",
+]
+
+
+def markdown_table(rows: list[Row]) -> str:
+    chance = next((row.recall_chance for row in rows if row.recall_chance is not None), None)
+    lines = ["| " + " | ".join(HEADER) + " |", "|---|---|" + "---:|" * (len(HEADER) - 2)]
+    chance_recall = "–" if chance is None else f"{chance:.1f}"
+    lines.append(f"| reference | random guess | – | 0.0 | 25.0 | {chance_recall} | – | – | – |")
+    for row in rows:
+        lines.append("| " + " | ".join(table_cells(row)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_rows(rows: list[Row]) -> str:
+    output = io.StringIO()
+    writer = csv.writer(output, lineterminator="\n")
+    writer.writerow(
+        [
+            "group",
+            "model",
+            "layers",
+            "heldout_word_ppl",
+            "lastword_acc",
+            "lastword_acc_stderr",
+            "cloze_acc",
+            "cloze_acc_stderr",
+            "mqar_acc",
+            "mqar_acc_stderr",
+            "mqar_chance",
+            "parameters",
+            "train_seconds_corpus",
+            "train_seconds_mqar",
+            "notes",
+        ]
+    )
+    for row in rows:
+        values = [
+            row.heldout_ppl.value,
+            row.lastword.value,
+            row.lastword.stderr,
+            row.cloze.value,
+            row.cloze.stderr,
+            row.recall.value,
+            row.recall.stderr,
+            row.recall_chance,
+            row.parameters,
+            row.train_seconds,
+            row.recall_train_seconds,
+        ]
+        writer.writerow(
+            [row.group, row.label, row.layers, *("" if v is None else v for v in values), "; ".join(row.notes)]
+        )
+    return output.getvalue()
+
+
+# --- the claims ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Claim:
+    statement: str
+    source: str  # where the paper (or the issue) makes it
+    verdict: str
+    evidence: str
+
+
+def _find(rows: list[Row], group: str, mixer: str | None = None) -> Row | None:
+    return next((r for r in rows if r.group == group and (mixer is None or r.mixer == mixer)), None)
+
+
+def _at_chance(measure: Measure, chance: float) -> bool:
+    return measure.value - chance <= max(NEAR_CHANCE_POINTS, 2 * (measure.stderr or 0.0))
+
+
+def _untrained(row: Row) -> bool:
+    """Whether a row's recall accuracy is known and not well above chance (the model learned no recall)."""
+    known = row.recall.value is not None and row.recall_chance is not None
+    return known and row.recall.value - row.recall_chance < WELL_ABOVE_POINTS
+
+
+def _close(a: Measure, b: Measure, points: float) -> bool:
+    combined = math.hypot(a.stderr or 0.0, b.stderr or 0.0)
+    return abs(a.value - b.value) <= max(points, 2 * combined)
+
+
+def _ppl_ratio(row: Row | None, reference: Row | None) -> float | None:
+    if row is None or reference is None or row.heldout_ppl.value is None or not reference.heldout_ppl.value:
+        return None
+    return row.heldout_ppl.value / reference.heldout_ppl.value
+
+
+def claim_mlp_collapses(rows: list[Row]) -> Claim:
+    statement = "Token mixing is necessary: uniform mlp collapses (recall at chance) while standard does not"
+    standard, mlp = _find(rows, "standard"), _find(rows, "uniform", "mlp")
+    source = "paper §5 Table 1 (uniform mlp 40.0 NLU avg, 993.5 ppl vs 51.9, 38.1)"
+    if standard is None or mlp is None or standard.recall.value is None or mlp.recall.value is None:
+        return Claim(statement, source, CANNOT_TELL, "uniform mlp or standard has no recall accuracy")
+    chance = standard.recall_chance
+    ratio = _ppl_ratio(mlp, standard)
+    evidence = (
+        f"MQAR accuracy: standard {_cell(standard.recall)}, uniform mlp {_cell(mlp.recall)} (chance {chance:.1f}); "
+        f"lastword: standard {_cell(standard.lastword)}, mlp {_cell(mlp.lastword)}"
+        + (f"; held-out ppl ratio mlp/standard {ratio:.2f}" if ratio else "")
+    )
+    if _untrained(standard):
+        return Claim(
+            statement,
+            source,
+            CANNOT_TELL,
+            evidence + f" — standard is not {WELL_ABOVE_POINTS:.0f} points "
+            "above chance, so this budget cannot separate them",
+        )
+    verdict = AGREES if _at_chance(mlp.recall, chance) else DISAGREES
+    return Claim(statement, source, verdict, evidence)
+
+
+def claim_hybrids_match(rows: list[Row]) -> Claim:
+    statement = "Hybrids (standard attention in every other layer) match standard"
+    source = "paper §5 Table 1 (every hybrid within ~2 NLU points / ~2 ppl of standard)"
+    standard = _find(rows, "standard")
+    hybrids = [row for row in rows if row.group == "hybrid"]
+    if standard is None or not hybrids:
+        return Claim(statement, source, CANNOT_TELL, "no standard or no hybrid rows")
+    if _untrained(standard):
+        return Claim(
+            statement,
+            source,
+            CANNOT_TELL,
+            f"standard's MQAR accuracy {_cell(standard.recall)} is not "
+            f"{WELL_ABOVE_POINTS:.0f} points above chance: nothing learned to match",
+        )
+    parts, outliers, unknown = [], [], []
+    for row in hybrids:
+        ratio = _ppl_ratio(row, standard)
+        recall_ok = None
+        if row.recall.value is not None and standard.recall.value is not None:
+            recall_ok = _close(row.recall, standard.recall, CLOSE_ACC_POINTS)
+        if ratio is None and recall_ok is None:
+            unknown.append(row.mixer)
+            continue
+        close = (ratio is None or ratio <= CLOSE_PPL_RATIO) and recall_ok is not False
+        parts.append(f"{row.mixer}: ppl ×{ratio:.2f}" if ratio is not None else f"{row.mixer}: ppl –")
+        parts[-1] += f", MQAR {_cell(row.recall)}" if row.recall.value is not None else ""
+        if not close:
+            outliers.append(row.mixer)
+    evidence = (
+        f"standard: ppl {_cell(standard.heldout_ppl)}, MQAR {_cell(standard.recall)}; "
+        + "; ".join(parts)
+        + f" (close = ppl ratio ≤ {CLOSE_PPL_RATIO:.2f} and MQAR within max({CLOSE_ACC_POINTS:.0f}, 2σ) points)"
+    )
+    if outliers:
+        return Claim(statement, source, DISAGREES, evidence + f"; not close: {', '.join(outliers)}")
+    if unknown or not parts:
+        return Claim(statement, source, CANNOT_TELL, evidence + f"; missing: {', '.join(unknown)}")
+    return Claim(statement, source, AGREES, evidence)
+
+
+def claim_skip_collapses(rows: list[Row]) -> Claim:
+    statement = "Skip collapses: a hybrid with its variant layers removed loses what it learned"
+    source = "paper §5 Table 1 (every skip row falls to chance)"
+    skips = [row for row in rows if row.group == "skip"]
+    if not skips:
+        return Claim(statement, source, CANNOT_TELL, "no skip rows")
+    parts, survivors = [], []
+    for row in skips:
+        hybrid = _find(rows, "hybrid", row.mixer)
+        ratio = _ppl_ratio(row, hybrid)
+        chance = row.recall_chance
+        recall_collapsed = None if row.recall.value is None or chance is None else _at_chance(row.recall, chance)
+        collapsed = (ratio is not None and ratio >= COLLAPSE_PPL_RATIO) or recall_collapsed is True
+        parts.append(f"{row.mixer}: ppl ×{ratio:.1f} of its hybrid" if ratio is not None else f"{row.mixer}: ppl –")
+        parts[-1] += f", MQAR {_cell(row.recall)}" if row.recall.value is not None else ""
+        if not collapsed:
+            survivors.append(row.mixer)
+    evidence = "; ".join(parts) + (f" (collapse = ppl ≥ {COLLAPSE_PPL_RATIO:.0f}× the hybrid's, or MQAR at chance)")
+    return Claim(
+        statement,
+        source,
+        DISAGREES if survivors else AGREES,
+        evidence + (f"; survives: {', '.join(survivors)}" if survivors else ""),
+    )
+
+
+def claim_form_relaxable(rows: list[Row]) -> Claim:
+    statement = (
+        "The mathematical form can be relaxed (uniform approximate stays near standard) but not dropped "
+        "(uniform nonapprox is far worse)"
+    )
+    source = "paper §5 Table 1 (approximate 47.9 ppl, nonapprox 9E+4, standard 38.1)"
+    standard = _find(rows, "standard")
+    approx, nonapprox = _find(rows, "uniform", "approximate"), _find(rows, "uniform", "nonapprox")
+    approx_ratio, nonapprox_ratio = _ppl_ratio(approx, standard), _ppl_ratio(nonapprox, standard)
+    if approx_ratio is None or nonapprox_ratio is None:
+        return Claim(statement, source, CANNOT_TELL, "uniform approximate or nonapprox has no perplexity")
+    evidence = (
+        f"held-out ppl relative to standard: approximate ×{approx_ratio:.2f}, nonapprox ×{nonapprox_ratio:.2f}"
+        + (
+            f"; MQAR approximate {_cell(approx.recall)}, nonapprox {_cell(nonapprox.recall)}, "
+            f"standard {_cell(standard.recall)}"
+            if approx.recall.value is not None and nonapprox.recall.value is not None
+            else ""
+        )
+    )
+    verdict = AGREES if approx_ratio < nonapprox_ratio else DISAGREES
+    return Claim(statement, source, verdict, evidence)
+
+
+def claim_sequence_dependency(rows: list[Row]) -> Claim:
+    statement = (
+        "Sequence-dependent mixing generalises better: input-independent maps (rndembqk, fixedseqqk) fall "
+        "behind standard, and cannot do content-based recall"
+    )
+    source = "paper §5 (rndembqk 84.8, fixedseqqk 79.1 ppl vs 38.1) and §9 (recall isolates the principle)"
+    standard = _find(rows, "standard")
+    variants = [row for row in (_find(rows, "uniform", "rndembqk"), _find(rows, "uniform", "fixedseqqk")) if row]
+    if standard is None or not variants or standard.recall.value is None:
+        return Claim(statement, source, CANNOT_TELL, "missing standard, rndembqk/fixedseqqk or recall numbers")
+    parts, agree = [], True
+    for row in variants:
+        ratio = _ppl_ratio(row, standard)
+        parts.append(f"{row.mixer}: ppl ×{ratio:.2f}" if ratio else f"{row.mixer}: ppl –")
+        parts[-1] += f", MQAR {_cell(row.recall)}"
+        worse_ppl = ratio is not None and ratio > 1.0
+        worse_recall = row.recall.value is not None and standard.recall.value - row.recall.value > max(
+            CLOSE_ACC_POINTS, 2 * math.hypot(row.recall.stderr or 0, standard.recall.stderr or 0)
+        )
+        agree = agree and worse_ppl and worse_recall
+    evidence = f"standard MQAR {_cell(standard.recall)}; " + "; ".join(parts)
+    return Claim(statement, source, AGREES if agree else DISAGREES, evidence)
+
+
+CLAIMS = (
+    claim_mlp_collapses,
+    claim_form_relaxable,
+    claim_sequence_dependency,
+    claim_hybrids_match,
+    claim_skip_collapses,
+)
+
+
+def activation_claim(analyses: dict[str, dict]) -> Claim:
+    """Pre-softmax outliers: uniform nonapprox > 10³, hybrid layers < ~10 (paper §6, Fig. 2)."""
+    statement = "Uniform nonapprox develops pre-softmax outliers (> 10³); standard layers in a hybrid keep them small"
+    source = "paper §6, Fig. 2 (outliers > 10³ in late uniform nonapprox layers; hybrids below ~10)"
+
+    def largest(analysis: str, model_suffix: str) -> float | None:
+        layers = analyses.get(analysis, {}).get("layers", [])
+        values = [
+            layer["logits"]["max_abs"]
+            for layer in layers
+            if layer["model"].endswith(model_suffix) and layer.get("mixer") == "nonapprox" and layer.get("logits")
+        ]
+        return max(values) if values else None
+
+    uniform, hybrid = largest("uniform", "uniform-nonapprox"), largest("hybrid", "hybrid-nonapprox")
+    if uniform is None or hybrid is None:
+        return Claim(statement, source, CANNOT_TELL, "no nonapprox layers analysed")
+    evidence = f"largest |pre-softmax activation| of nonapprox layers: uniform {uniform:.3g}, hybrid {hybrid:.3g}"
+    if uniform <= 1e3:
+        return Claim(
+            statement,
+            source,
+            CANNOT_TELL,
+            evidence + " — the uniform model never reached the paper's regime (≤ 10³) at this size and budget",
+        )
+    return Claim(statement, source, AGREES if hybrid < 10 else DISAGREES, evidence)
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+
+def _figure_links(out: Path) -> list[str]:
+    lines = []
+    for folder in sorted((out / "analysis").glob("*")):
+        for png in sorted(folder.glob("*.png")):
+            lines.append(f"![{folder.name}: {png.stem}]({png.relative_to(out).as_posix()})")
+    for png in sorted((out / "figures").glob("*.png")):
+        lines.append(f"![{png.stem}]({png.relative_to(out).as_posix()})")
+    return lines
+
+
+def _recall_loss_figure(out: Path, study) -> list[Path]:
+    from .plots import loss_curves
+
+    metrics = [
+        run_folder(out, run) / "metrics.jsonl"
+        for run in study.runs
+        if run.data == "recall" and (run_folder(out, run) / "metrics.jsonl").is_file()
+    ]
+    if not metrics:
+        return []
+    labels = [path.parent.name for path in metrics]
+    return loss_curves(metrics, out / "figures", name="recall_loss_curves", labels=labels)
+
+
+def write_report(out: str | Path, study) -> Path:
+    """Write `out/report.md`, `out/report.csv` and the recall loss curves; return the report's path."""
+    out = Path(out)
+    rows = collect_rows(out, study)
+    analyses = {
+        folder.name: data
+        for folder in sorted((out / "analysis").glob("*"))
+        if (data := _read_json(folder / "indicators.json")) is not None
+    }
+    _recall_loss_figure(out, study)
+    claims = [claim(rows) for claim in CLAIMS] + [activation_claim(analyses)]
+    failed = [f"{row.group} {row.label}: {', '.join(row.notes)}" for row in rows if row.notes]
+    lines = [
+        f"# attnlab study: {study.name}",
+        "",
+        study.notes,
+        "",
+        "## Main table",
+        "",
+        (
+            "Accuracies in percent ± standard error; held-out word perplexity from `attnlab eval --tasks heldout`; "
+            "MQAR accuracy at query positions of held-out examples; skip rows are the hybrids evaluated with their "
+            "variant layers removed. Also in `report.csv`."
+        ),
+        "",
+        markdown_table(rows),
+    ]
+    if failed:
+        lines += ["Incomplete rows: " + "; ".join(failed), ""]
+    lines += ["## The paper's claims, checked on this run", ""]
+    for claim in claims:
+        lines += [f"- **{claim.verdict}** — {claim.statement} ({claim.source}). {claim.evidence}."]
+    lines += ["", "## Figures", ""]
+    lines += [link + "\n" for link in _figure_links(out)]
+    write_text_atomic(out / "report.csv", csv_rows(rows))
+    path = out / "report.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path

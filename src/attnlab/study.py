@@ -1,0 +1,608 @@
+"""`attnlab study`: the paper's experiment grid as one resumable command (issue 7).
+
+A study is a list of `Run`s built in code from a base preset (`build_study`). Each run is a sequence of
+stages, and every stage is an ordinary `attnlab` command line (`Run.stages`), so `--dry-run` prints
+exactly what will be executed and any stage can be re-run by hand:
+
+    train        attnlab train --preset P --layers L … --out DIR/runs/NAME/model
+    eval         attnlab eval  MODEL --tasks offline --out DIR/runs/NAME/results.json
+    skip         attnlab eval  MODEL --tasks offline --skip-nonstandard --out …/skip.json
+    recall       attnlab recall MODEL --out …/recall.json                 (runs trained on a recall task)
+    recall-skip  attnlab recall MODEL --skip-nonstandard --out …/recall-skip.json
+
+then study-wide `attnlab analyze` runs (`Study.analyses`) and `DIR/report.md` (`attnlab.report`).
+
+Execution (`run_study`): up to `jobs` runs at once, each in a worker process that imports attnlab once and
+calls `attnlab.cli.main` on the stage's arguments (the training stage goes through `torchrun` when CUDA
+devices are present); or each run as a `submitit` job (`executor="submitit-local"` or `"slurm"`). A
+finished stage leaves `runs/NAME/stages/<stage>.json` (its seconds and exit status) and is never run
+again; a killed study resumes where it stopped: an interrupted training continues from its newest
+checkpoint. A run folder is locked (`flock`) while a process works in it, so a study restarted while an
+orphaned worker still finishes a run waits for it instead of writing beside it. Every stage's output goes
+to `runs/NAME/study/log.txt`. `runs/NAME` itself is the training output folder (model, tokenizer,
+metrics.jsonl, checkpoints); the study's own files for the run sit in `runs/NAME/study/`.
+
+Presets:
+    quick             cpu-tiny models of standard and of the six other mixers, uniform and hybrid, skip
+                      evaluation of every hybrid; once on the built-in corpus (offline tasks) and once on
+                      multi-query associative recall. The README's main job: < 15 minutes on 2 CPU cores.
+    placements:MIXER  the nine placements of spec §7 for one mixer (paper Fig. 3) and a sweep of the share of
+                      standard layers, on an 8-layer cpu-tiny model, corpus and recall.
+    paper-70m, paper-160m, paper-500m
+                      the paper's grid at full size on SlimPajama with the paper's nine tasks (GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import MIXER_NAMES, PLACEMENTS
+from .runconfig import write_text_atomic
+
+VARIANTS = tuple(name for name in MIXER_NAMES if name != "standard")
+EXECUTORS = ("local", "submitit-local", "slurm")
+PAPER_STUDIES = ("paper-70m", "paper-160m", "paper-500m")
+EXIT_DIVERGED = 3
+STUDY_FILES = "study"  # runs/NAME/study/: the log, stage records and evaluation results of a run  # attnlab train's exit status when the divergence guard stops a run
+
+# quick: one cpu-tiny model per variant on the built-in corpus, about a minute of one core each.
+QUICK_CORPUS_TRAIN = {
+    "tokens": 200_000,
+    "warmup_steps": 20,
+    "save_every": 50,
+    "eval_every": 0,
+    "eval_sequences": 32,
+    "tensorboard": False,
+}
+# quick: multi-query associative recall (attnlab.synthetic) on a model that learns it in ~40 s of one core.
+# Sized by sweeps: one head (four heads of width 16 stayed at 25 % for 2,400 steps), a vocabulary of 16
+# (at 64 the outcome depended on the seed), LR 1e-3 (3e-3 never left 25 %), four layers (a 2-layer hybrid
+# keeps one attention layer, and MQAR needs two).
+QUICK_RECALL_TASK = "mqar:pairs=4,queries=fill,vocab=16"
+QUICK_RECALL_MODEL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 1,
+    "max_position_embeddings": 32,
+    "rope_theta": 10000.0,
+}
+QUICK_RECALL_TRAIN = {
+    "seq_len": 32,
+    "batch_size": 32,
+    "global_batch_size": 32,
+    "max_steps": 800,
+    "lr": 1e-3,
+    "warmup_steps": 50,
+    "beta2": 0.99,
+    "save_every": 400,
+    "eval_every": 200,
+    "eval_sequences": 256,
+    "tensorboard": False,
+}
+PLACEMENT_LAYERS = 8  # the placements preset deepens cpu-tiny so that the nine placements differ
+PAPER_RECALL_TASK = "mqar:pairs=64,vocab=8192"
+PAPER_RECALL_TRAIN = {"seq_len": 512, "batch_size": 64, "global_batch_size": 64, "max_steps": 20_000, "lr": 1e-3}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One trained model of a study and the evaluations it gets."""
+
+    name: str  # folder under DIR/runs
+    data: str  # "corpus" (language modelling) or "recall" (a synthetic recall task)
+    kind: str  # standard | uniform | hybrid | a placement name (spec §7) | share-<k>of<n>
+    mixer: str
+    layers: str  # attnlab train --layers
+    preset: str
+    model: dict[str, Any] = field(default_factory=dict)  # AttnLabConfig overrides (attnlab train flags)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides (attnlab train flags)
+    tasks: str | None = None  # eval --tasks for corpus runs
+    eval_args: tuple[str, ...] = ()  # further eval/recall flags (--limit, --eval-data, --batch-size …)
+    skip: bool = False  # also evaluate with the non-standard layers removed (paper Table 1, "skip")
+
+    def stages(self, folder: Path) -> list[tuple[str, list[str]]]:
+        """[(stage name, attnlab argv)] in execution order; `folder` is this run's training output folder."""
+        model, files = str(folder), folder / STUDY_FILES
+        stages = [("train", ["train", *train_flags(self), "--out", model])]
+        if self.data == "corpus":
+            evaluate = ["eval", model, "--tasks", self.tasks or "offline", *self.eval_args]
+            stages.append(("eval", [*evaluate, "--out", str(files / "results.json")]))
+            if self.skip:
+                stages.append(("skip", [*evaluate, "--skip-nonstandard", "--out", str(files / "skip.json")]))
+        else:
+            stages.append(("recall", ["recall", model, *self.eval_args, "--out", str(files / "recall.json")]))
+            if self.skip:
+                skip = ["recall", model, *self.eval_args, "--skip-nonstandard"]
+                stages.append(("recall-skip", [*skip, "--out", str(files / "recall-skip.json")]))
+        return stages
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One `attnlab analyze` over some corpus runs of the study (figures compare these models)."""
+
+    name: str  # folder under DIR/analysis
+    runs: tuple[str, ...]
+
+
+@dataclass
+class Study:
+    name: str
+    runs: list[Run]
+    analyses: list[Analysis] = field(default_factory=list)
+    notes: str = ""  # what the preset is for, shown in the report
+
+    def run(self, name: str) -> Run:
+        return next(run for run in self.runs if run.name == name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Study:
+        runs = [Run(**{**run, "eval_args": tuple(run["eval_args"])}) for run in data["runs"]]
+        analyses = [Analysis(item["name"], tuple(item["runs"])) for item in data["analyses"]]
+        return cls(data["name"], runs, analyses, data.get("notes", ""))
+
+
+def train_flags(run: Run) -> list[str]:
+    """The `attnlab train` flags of a run (preset, layers, then its overrides), the inverse of the parser."""
+    from .cli import MODEL_FLAGS, MODEL_SWITCHES, TRAIN_FLAGS, TRAIN_SWITCHES
+
+    flags = ["--preset", run.preset, "--layers", run.layers]
+    switches = {field: flag for flag, field in {**MODEL_SWITCHES, **TRAIN_SWITCHES}.items()}
+    valued = {field: flag for flag, (field, *_) in {**MODEL_FLAGS, **TRAIN_FLAGS}.items()}
+    for name, value in [*run.model.items(), *run.train.items()]:
+        if name in switches:
+            flags.append(switches[name] if value else "--no-" + switches[name][2:])
+        elif name in valued:
+            flags += [valued[name], str(value)]
+        else:
+            raise ValueError(f"run {run.name}: {name} has no attnlab train flag")
+    return flags
+
+
+# --- presets -----------------------------------------------------------------------------------------
+
+
+def _run_name(data: str, kind: str, mixer: str) -> str:
+    return f"{data}-{kind}" if kind == "standard" else f"{data}-{kind}-{mixer}"
+
+
+def _grid(
+    data: str, preset: str, mixers: Sequence[str], model: dict, train: dict, tasks: str | None, eval_args
+) -> list[Run]:
+    """standard, then uniform and hybrid (with skip) of every mixer: the rows of paper Table 1."""
+    common = {"preset": preset, "model": model, "train": train, "tasks": tasks, "eval_args": tuple(eval_args)}
+    runs = [Run(_run_name(data, "standard", "standard"), data, "standard", "standard", "uniform:standard", **common)]
+    for kind in ("uniform", "hybrid"):
+        for mixer in mixers:
+            runs.append(
+                Run(_run_name(data, kind, mixer), data, kind, mixer, f"{kind}:{mixer}", skip=kind == "hybrid", **common)
+            )
+    return runs
+
+
+def share_pattern(mixer: str, standard_layers: int, num_layers: int) -> str:
+    """A layer list with `standard_layers` standard layers spread evenly over `num_layers` (the last layer
+    is standard first, as in the paper's hybrid), the mixer everywhere else."""
+    keep = {num_layers - round(i * num_layers / standard_layers) for i in range(standard_layers)}
+    return ",".join("standard" if layer in keep else mixer for layer in range(1, num_layers + 1))
+
+
+def build_study(
+    preset: str = "quick",
+    mixers: Sequence[str] | None = None,
+    tokens: int | None = None,
+    max_steps: int | None = None,
+    eval_limit: float | None = None,
+    eval_data: str | None = None,
+    device: str | None = None,
+) -> Study:
+    """The runs of a study preset. `mixers` restricts the variants; `tokens`/`max_steps` override the
+    training budget of every run (`max_steps` wins); `eval_limit` caps the examples per evaluation task;
+    `eval_data` reads the paper's tasks from local copies (`attnlab eval --eval-data`)."""
+    mixers = tuple(mixers) if mixers else VARIANTS
+    unknown = [name for name in mixers if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown or standard mixer(s) {unknown} in --mixers; choose from {', '.join(VARIANTS)}")
+    budget = {"max_steps": max_steps} if max_steps else {"tokens": tokens, "max_steps": None} if tokens else {}
+    execution = {"device": device} if device else {}
+    eval_args = ["--limit", str(eval_limit)] if eval_limit is not None else []
+    recall_args = ["--num-examples", str(_recall_examples(eval_limit))] if eval_limit is not None else []
+
+    if preset == "quick" or preset.startswith("placements:"):
+        corpus_train = {**QUICK_CORPUS_TRAIN, **budget, **execution}
+        recall_train = {**QUICK_RECALL_TRAIN, **({"max_steps": max_steps} if max_steps else {}), **execution}
+        recall_train["data"] = QUICK_RECALL_TASK
+        if preset == "quick":
+            runs = _grid("corpus", "cpu-tiny", mixers, {}, corpus_train, "offline", eval_args)
+            runs += _grid("recall", "cpu-tiny", mixers, QUICK_RECALL_MODEL, recall_train, None, recall_args)
+            return _table_study("quick", runs, "cpu-tiny models, built-in corpus and multi-query associative recall")
+        return _placement_study(preset, corpus_train, recall_train, eval_args, recall_args)
+
+    if preset in PAPER_STUDIES:
+        if eval_data:
+            eval_args += ["--eval-data", eval_data]
+        train = {**budget, **execution}
+        runs = _grid("corpus", preset, mixers, {}, train, "paper", eval_args)
+        recall = {**PAPER_RECALL_TRAIN, **({"max_steps": max_steps} if max_steps else {}), **execution}
+        runs += _grid("recall", preset, mixers, {}, {**recall, "data": PAPER_RECALL_TASK}, None, recall_args)
+        notes = f"the paper's grid at {preset[6:].upper()} (SlimPajama, Pythia tokenizer, the nine paper tasks)"
+        return _table_study(preset, runs, notes)
+    raise ValueError(f"unknown study preset {preset!r}; choose quick, placements:<mixer>, {', '.join(PAPER_STUDIES)}")
+
+
+def _table_study(name: str, runs: list[Run], notes: str) -> Study:
+    """A Table-1 grid with two analyses of its corpus runs: standard beside the uniform and the hybrid models."""
+    corpus = [run for run in runs if run.data == "corpus"]
+    analyses = [
+        Analysis(kind, tuple(run.name for run in corpus if run.kind in ("standard", kind)))
+        for kind in ("uniform", "hybrid")
+    ]
+    return Study(name, runs, analyses, notes)
+
+
+def _recall_examples(eval_limit: float) -> int:
+    """`--eval-limit` for `attnlab recall`: a count as it is, a fraction of the default 512 examples."""
+    return max(2, int(eval_limit) if eval_limit >= 1 else round(512 * eval_limit))
+
+
+def _placement_study(
+    preset: str, corpus_train: dict, recall_train: dict, eval_args: list[str], recall_args: list[str]
+) -> Study:
+    """Spec §7's nine placements of one mixer plus the share sweep (0..n standard layers), both data kinds."""
+    mixer = preset.split(":", 1)[1]
+    if mixer not in VARIANTS:
+        raise ValueError(f"placements:<mixer> needs one of {', '.join(VARIANTS)}, got {mixer!r}")
+    depth = PLACEMENT_LAYERS
+    patterns = {"standard": "uniform:standard", "uniform": f"uniform:{mixer}"}
+    patterns.update({name: f"{name}:{mixer}" for name in PLACEMENTS if name != "hybrid"})
+    for share in range(1, depth):
+        patterns[f"share-{share}of{depth}"] = share_pattern(mixer, share, depth)
+    runs = []
+    for data, train, model in (
+        ("corpus", corpus_train, {"num_hidden_layers": depth}),
+        ("recall", recall_train, {**QUICK_RECALL_MODEL, "num_hidden_layers": depth}),
+    ):
+        for kind, layers in patterns.items():
+            tasks, args = ("offline", eval_args) if data == "corpus" else (None, recall_args)
+            name = _run_name(data, kind, mixer)
+            runs.append(Run(name, data, kind, mixer, layers, "cpu-tiny", model, train, tasks, tuple(args)))
+    corpus_runs = tuple(run.name for run in runs if run.data == "corpus")
+    notes = f"where standard layers must sit, and how many, to rescue {mixer} ({depth}-layer cpu-tiny)"
+    return Study(preset, runs, [Analysis("placements", corpus_runs)], notes)
+
+
+# --- execution ---------------------------------------------------------------------------------------
+
+
+def run_folder(out: Path, run: Run) -> Path:
+    return out / "runs" / run.name
+
+
+def stage_record(out: Path, run: Run, stage: str) -> dict | None:
+    path = run_folder(out, run) / STUDY_FILES / "stages" / f"{stage}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def format_command(argv: Sequence[str], launcher: Sequence[str] = ("attnlab",)) -> str:
+    return shlex.join([*launcher, *argv])
+
+
+def dry_run_text(study: Study, out: Path) -> str:
+    lines = [f"study {study.name}: {len(study.runs)} runs, {len(study.analyses)} analyses → {out}"]
+    for run in study.runs:
+        state = "done" if stage_record(out, run, run.stages(run_folder(out, run))[-1][0]) else "to do"
+        lines.append(f"\n# {run.name}  [{run.data}, {run.layers}]  ({state})")
+        lines += [format_command(argv) for _, argv in run.stages(run_folder(out, run))]
+    for analysis in study.analyses:
+        lines.append(f"\n# analysis {analysis.name}")
+        lines.append(format_command(analysis_argv(out, study, analysis)))
+    return "\n".join(lines)
+
+
+def analysis_argv(out: Path, study: Study, analysis: Analysis) -> list[str]:
+    models = [str(run_folder(out, study.run(name))) for name in analysis.runs]
+    return ["analyze", *models, "--out", str(out / "analysis" / analysis.name)]
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (released by the kernel if this process dies)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
+def _output_to(log: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (Python and C level) to `log` for the duration."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "a") as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _torchrun_prefix() -> list[str]:
+    """`torchrun` over this node's CUDA devices, or [] on a machine without them (run in-process)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}"]
+
+
+def _execute(argv: list[str], log: Path, subprocess_prefix: list[str]) -> int:
+    """Run one attnlab command line: in this process, or under `subprocess_prefix` (torchrun)."""
+    from . import cli
+
+    with open(log, "a") as handle:
+        handle.write(f"\n$ {format_command(argv)}\n")
+    if subprocess_prefix:
+        with open(log, "a") as handle:
+            command = [*subprocess_prefix, "-m", "attnlab", *argv]
+            return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
+    with _output_to(log):
+        try:
+            return cli.main(argv)
+        except SystemExit as stop:  # argparse errors
+            return stop.code if isinstance(stop.code, int) else 2
+        except Exception:  # noqa: BLE001 — a bug must not take the whole study down: log it, fail the stage
+            import traceback
+
+            traceback.print_exc()
+            return 1
+
+
+def _prepare_training(folder: Path, argv: list[str]) -> list[str]:
+    """Continue an interrupted training from its newest checkpoint, or restart one that saved none (its
+    partial files go; the study's own files stay)."""
+    import shutil
+
+    from .checkpoint import latest_checkpoint
+
+    if latest_checkpoint(folder) is not None:
+        return [*argv, "--resume"]
+    for path in folder.iterdir():
+        if path.name != STUDY_FILES:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return argv
+
+
+def execute_run(out: str, name: str, threads: int | None = None) -> dict:
+    """Every unfinished stage of run `name` of the study in `out` (a worker's or a submitit job's task).
+
+    Returns {"name", "stages": {stage: record}, "failed": what failed or None, "log": the log file}.
+    """
+    out_path = Path(out)
+    study = load_study(out_path)
+    run = study.run(name)
+    folder = run_folder(out_path, run)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    files = folder / STUDY_FILES
+    summary: dict[str, Any] = {"name": name, "stages": {}, "failed": None, "log": str(files / "log.txt")}
+    with _locked(files):
+        (files / "stages").mkdir(exist_ok=True)
+        diverged = False
+        for stage, argv in run.stages(folder):
+            record = stage_record(out_path, run, stage)
+            if record is None:
+                model = folder
+                prefix: list[str] = []
+                if stage == "train":
+                    argv = _prepare_training(model, argv)
+                    prefix = _torchrun_prefix()
+                elif diverged:
+                    argv = _evaluate_checkpoint_instead(argv, model)
+                    if argv is None:
+                        summary["stages"][stage] = {"status": "no model", "seconds": 0.0}
+                        continue
+                started = time.perf_counter()
+                code = _execute(argv, files / "log.txt", prefix)
+                record = {"status": "done", "exit": code, "seconds": time.perf_counter() - started, "argv": argv}
+                if stage == "train" and code == EXIT_DIVERGED:
+                    record["status"] = "diverged"
+                elif code != 0:
+                    summary["stages"][stage] = {**record, "status": "failed"}
+                    summary["failed"] = f"{stage}: exit status {code}"
+                    return summary  # not recorded: a resumed study tries it again
+                write_text_atomic(files / "stages" / f"{stage}.json", json.dumps(record, indent=1) + "\n")
+            else:
+                record = {**record, "reused": True}
+            diverged = diverged or record["status"] == "diverged"
+            summary["stages"][stage] = record
+    return summary
+
+
+def _evaluate_checkpoint_instead(argv: list[str], model: Path) -> list[str] | None:
+    """After a diverged training (no final model), evaluate its newest finite checkpoint, if any."""
+    from .checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(model)
+    if checkpoint is None:
+        return None
+    return [str(checkpoint) if part == str(model) else part for part in argv]
+
+
+def execute_analysis(out: str, name: str, threads: int | None = None) -> dict:
+    out_path = Path(out)
+    study = load_study(out_path)
+    analysis = next(item for item in study.analyses if item.name == name)
+    folder = out_path / "analysis" / name
+    marker = folder / "done.json"
+    if marker.is_file():
+        return {"name": name, "failed": None, "log": str(folder / "log.txt"), "reused": True}
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    available = [run for run in analysis.runs if (run_folder(out_path, study.run(run)) / "config.json").is_file()]
+    if not available:
+        return {"name": name, "failed": "no trained model", "log": str(folder / "log.txt")}
+    argv = analysis_argv(out_path, study, dataclasses.replace(analysis, runs=tuple(available)))
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    code = _execute(argv, folder / "log.txt", [])
+    if code != 0:
+        return {"name": name, "failed": f"exit status {code}", "log": str(folder / "log.txt")}
+    write_text_atomic(marker, json.dumps({"seconds": time.perf_counter() - started, "argv": argv}) + "\n")
+    return {"name": name, "failed": None, "log": str(folder / "log.txt")}
+
+
+def load_study(out: Path) -> Study:
+    path = out / "study.json"
+    if not path.is_file():
+        raise ValueError(f"{out} holds no study (no study.json); start one with attnlab study --out {out}")
+    return Study.from_dict(json.loads(path.read_text()))
+
+
+def _claim_folder(out: Path, study: Study, resume: bool) -> None:
+    """Write study.json, or check that the one in `out` describes the same study when resuming."""
+    path = out / "study.json"
+    document = json.dumps(study.to_dict(), indent=1) + "\n"
+    if path.is_file():
+        if not resume:
+            raise ValueError(f"{out} already holds a study; add --resume to continue it, or choose another --out")
+        saved = Study.from_dict(json.loads(path.read_text()))
+        changed = [run.name for run in study.runs if run not in saved.runs]
+        if changed or saved.name != study.name:
+            raise ValueError(
+                f"--resume: {out} holds study {saved.name!r} whose runs differ from this one "
+                f"({', '.join(changed[:3]) or 'names'}); use the same preset and options, or another --out"
+            )
+        return
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no study; choose an empty or new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, document)
+
+
+def run_study(
+    study: Study,
+    out: str | Path,
+    jobs: int = 1,
+    resume: bool = False,
+    executor: str = "local",
+    slurm: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Execute every unfinished run of `study` into `out`, then its analyses and the report.
+
+    Returns {"failed": [run or analysis names], "report": path or None}. Raises ValueError for bad input.
+    """
+    from tqdm.auto import tqdm
+
+    from .report import write_report
+
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose {', '.join(EXECUTORS)}")
+    out = Path(out).resolve()
+    _claim_folder(out, study, resume)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    tasks = [(execute_run, run.name) for run in study.runs]
+    failed: list[str] = []
+    bar = tqdm(total=len(tasks) + len(study.analyses), desc=f"study {study.name}", unit="run", disable=not progress)
+    for batch in (tasks, [(execute_analysis, analysis.name) for analysis in study.analyses]):
+        for result in _map(batch, str(out), jobs, threads, executor, slurm or {}, out / "submitit"):
+            name = result["name"]
+            if result["failed"]:
+                failed.append(name)
+                bar.write(f"attnlab: {name} failed ({result['failed']}); see {result['log']}")
+            else:
+                stages = result.get("stages", {})
+                timing = ", ".join(
+                    f"{stage} " + ("reused" if record.get("reused") else f"{record['seconds']:.0f} s")
+                    for stage, record in stages.items()
+                )
+                bar.write(f"{name}: {timing or 'done'}")
+            bar.update(1)
+    bar.close()
+    report = write_report(out, study)
+    return {"failed": failed, "report": str(report)}
+
+
+def _map(tasks, out: str, jobs: int, threads: int, executor: str, slurm: dict, logs: Path) -> Iterator[dict]:
+    """Results of `function(out, name, threads)` for each task, as they finish, at most `jobs` at a time."""
+    if executor == "local":
+        import multiprocessing
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pending: set[Future] = set()
+            queue = list(tasks)
+            while queue or pending:
+                while queue and len(pending) < jobs:
+                    function, name = queue.pop(0)
+                    pending.add(pool.submit(function, out, name, threads))
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        return
+    yield from _map_submitit(tasks, out, jobs, threads, executor, slurm, logs)
+
+
+def _map_submitit(tasks, out: str, jobs: int, threads: int, executor: str, slurm: dict, logs: Path):
+    """The same through submitit: a LocalExecutor (subprocesses on this machine) or Slurm jobs."""
+    import submitit
+
+    if executor == "slurm":
+        runner = submitit.AutoExecutor(folder=logs, cluster="slurm")
+        runner.update_parameters(
+            slurm_partition=slurm.get("partition"),
+            timeout_min=slurm.get("timeout_min", 24 * 60),
+            gpus_per_node=slurm.get("gpus_per_node", 1),
+            tasks_per_node=1,
+            cpus_per_task=slurm.get("cpus_per_task", 8),
+            name="attnlab",
+        )
+        threads = slurm.get("cpus_per_task", 8)
+    else:
+        runner = submitit.LocalExecutor(folder=logs)
+        runner.update_parameters(timeout_min=24 * 60)
+    queue = list(tasks)
+    pending: list = []
+    while queue or pending:
+        while queue and len(pending) < jobs:
+            function, name = queue.pop(0)
+            pending.append((name, runner.submit(function, out, name, threads)))
+        while not any(job.done() for _, job in pending):
+            time.sleep(1.0)
+        for name, job in [item for item in pending if item[1].done()]:
+            pending.remove((name, job))
+            try:
+                yield job.result()
+            except Exception as error:  # noqa: BLE001 — the job died (killed, out of memory, …)
+                first_line = (str(error).strip().splitlines() or ["no message"])[-1]
+                yield {"name": name, "failed": f"submitit job {job.job_id}: {first_line}", "log": str(job.paths.stderr)}

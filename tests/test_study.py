@@ -1,0 +1,332 @@
+"""attnlab study: presets, the execution machinery (local pool, submitit, kill and resume) and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from attnlab import cli
+from attnlab.config import PLACEMENTS, resolve_layer_pattern
+from attnlab.report import (
+    AGREES,
+    CANNOT_TELL,
+    DISAGREES,
+    Measure,
+    Row,
+    claim_hybrids_match,
+    claim_mlp_collapses,
+    claim_skip_collapses,
+    collect_rows,
+)
+from attnlab.runconfig import resolve_run_config
+from attnlab.study import (
+    VARIANTS,
+    Analysis,
+    Run,
+    Study,
+    build_study,
+    dry_run_text,
+    load_study,
+    run_folder,
+    run_study,
+    share_pattern,
+    stage_record,
+)
+
+# A model small enough that a training stage is a second or two.
+TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+TINY_CORPUS_TRAIN = {
+    "tokenizer": "bpe:1024",
+    "seq_len": 64,
+    "batch_size": 4,
+    "global_batch_size": 4,
+    "max_steps": 3,
+    "warmup_steps": 1,
+    "save_every": 2,
+    "eval_every": 0,
+    "eval_sequences": 4,
+    "tensorboard": False,
+}
+TINY_RECALL_TRAIN = {**TINY_CORPUS_TRAIN, "data": "mqar:pairs=2,vocab=16", "seq_len": 16}
+
+
+def mini_study() -> Study:
+    """Two runs: a standard model on the built-in corpus (offline tasks) and a hybrid on MQAR (with skip)."""
+    corpus = Run(
+        "corpus-standard",
+        "corpus",
+        "standard",
+        "standard",
+        "uniform:standard",
+        "cpu-tiny",
+        TINY_MODEL,
+        TINY_CORPUS_TRAIN,
+        tasks="lastword,cloze,heldout",
+        eval_args=("--limit", "4", "--batch-size", "4", "--max-length", "256"),
+    )
+    recall = Run(
+        "recall-hybrid-mlp",
+        "recall",
+        "hybrid",
+        "mlp",
+        "hybrid:mlp",
+        "cpu-tiny",
+        TINY_MODEL,
+        TINY_RECALL_TRAIN,
+        eval_args=("--num-examples", "8"),
+        skip=True,
+    )
+    return Study("mini", [corpus, recall], [Analysis("uniform", ("corpus-standard",))], "a test")
+
+
+def assert_complete(out: Path, study: Study) -> None:
+    for run in study.runs:
+        for stage, _ in run.stages(run_folder(out, run)):
+            record = stage_record(out, run, stage)
+            assert record is not None and record["exit"] == 0, (run.name, stage)
+    assert (out / "analysis" / "uniform" / "indicators.json").is_file()
+    assert (out / "report.md").is_file() and (out / "report.csv").is_file()
+
+
+# ------------------------------------------------------------------------------------------------- presets
+
+
+def test_quick_preset_is_the_table_1_grid_on_both_data_kinds():
+    study = build_study("quick")
+    names = [run.name for run in study.runs]
+    for data in ("corpus", "recall"):
+        expected = [f"{data}-standard"] + [f"{data}-{kind}-{m}" for kind in ("uniform", "hybrid") for m in VARIANTS]
+        assert [name for name in names if name.startswith(data)] == expected
+    assert len(names) == len(set(names)) == 26
+    skip_runs = {run.name for run in study.runs if run.skip}
+    assert skip_runs == {run.name for run in study.runs if run.kind == "hybrid"}
+    assert {analysis.name for analysis in study.analyses} == {"uniform", "hybrid"}
+
+
+@pytest.mark.parametrize("preset", ["paper-70m", "paper-160m", "paper-500m"])
+def test_paper_presets_dry_run_lists_the_paper_grid(preset, tmp_path, capsys):
+    assert cli.main(["study", "--preset", preset, "--out", str(tmp_path / "s"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert not (tmp_path / "s").exists()  # a dry run writes nothing
+    for mixer in VARIANTS:
+        for kind in ("uniform", "hybrid"):
+            assert f"# corpus-{kind}-{mixer}  [corpus, {kind}:{mixer}]" in text
+        assert f"--skip-nonstandard --out {tmp_path / 's'}/runs/corpus-hybrid-{mixer}/study/skip.json" in text
+    assert text.count("attnlab train --preset " + preset) == 26
+    assert text.count("--tasks paper") == 13 + 6  # every corpus run, and the skip evaluations of the hybrids
+
+
+def test_train_commands_parse_back_to_the_runs_settings(tmp_path):
+    """The printed `attnlab train` line is the run: parsing it gives the run's preset, layers and overrides."""
+    for preset in ("quick", "paper-70m"):
+        for run in build_study(preset, mixers=["approximate"], max_steps=7).runs:
+            argv = run.stages(tmp_path / run.name)[0][1]
+            args = cli.build_parser().parse_args(argv)
+            train = {f: getattr(args, f) for f, *_ in cli.TRAIN_FLAGS.values() if getattr(args, f) is not None}
+            train.update({f: getattr(args, f) for f in cli.TRAIN_SWITCHES.values() if getattr(args, f) is not None})
+            parsed = resolve_run_config(args.preset, None, {**cli.model_overrides(args), "layers": args.layers}, train)
+            expected = resolve_run_config(run.preset, None, {**run.model, "layers": run.layers}, run.train)
+            assert parsed.to_dict() == expected.to_dict()
+            assert parsed.train.max_steps == 7
+
+
+def test_placements_preset_has_the_nine_placements_and_the_share_sweep():
+    study = build_study("placements:nonapprox")
+    corpus = [run for run in study.runs if run.data == "corpus"]
+    kinds = [run.kind for run in corpus]
+    assert kinds[:2] == ["standard", "uniform"]
+    assert set(kinds) >= {name for name in PLACEMENTS if name != "hybrid"}
+    depth = corpus[0].model["num_hidden_layers"]
+    shares = [run for run in corpus if run.kind.startswith("share-")]
+    assert len(shares) == depth - 1
+    for run in shares:
+        count = int(run.kind.split("-")[1].split("of")[0])
+        layers = resolve_layer_pattern(run.layers, depth)
+        assert layers.count("standard") == count and layers.count("nonapprox") == depth - count
+
+
+@pytest.mark.parametrize("depth", [4, 8, 24])
+def test_share_pattern_spreads_standard_layers_and_keeps_the_last(depth):
+    for count in range(1, depth + 1):
+        layers = share_pattern("mlp", count, depth).split(",")
+        assert layers.count("standard") == count and layers[-1] == "standard"
+    assert share_pattern("mlp", depth // 2, depth) == ",".join(resolve_layer_pattern("hybrid:mlp", depth))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"preset": "nope"}, "unknown study preset"),
+        ({"preset": "quick", "mixers": ["standard"]}, "unknown or standard mixer"),
+        ({"preset": "placements:foo"}, "placements:<mixer> needs one of"),
+    ],
+)
+def test_bad_study_options_are_one_line_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        build_study(**options)
+
+
+# ----------------------------------------------------------------------------------------------- execution
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "mini"
+    result = run_study(mini_study(), out, jobs=2, progress=False)
+    assert result["failed"] == []
+    return out
+
+
+def test_a_miniature_study_runs_every_stage_and_writes_the_report(finished):
+    study = load_study(finished)
+    assert study == mini_study()
+    assert_complete(finished, study)
+    recall = json.loads((run_folder(finished, study.runs[1]) / "study" / "recall.json").read_text())
+    assert recall["examples"] == 8 and 0.0 <= recall["accuracy"] <= 1.0
+    assert recall["chance"] == pytest.approx(1 / 7)  # mqar vocab 16: 7 value tokens
+    assert recall["attnlab"]["mixer_types"] == ["mlp", "standard"]
+    skip = json.loads((run_folder(finished, study.runs[1]) / "study" / "recall-skip.json").read_text())
+    assert skip["attnlab"]["skip_nonstandard"] is True
+
+    rows = {(row.group, row.label): row for row in collect_rows(finished, study)}
+    assert set(rows) == {("standard", "standard"), ("hybrid", "mlp"), ("skip", "mlp")}
+    results = json.loads((run_folder(finished, study.runs[0]) / "study" / "results.json").read_text())
+    assert rows["standard", "standard"].cloze.value == pytest.approx(100 * results["results"]["cloze"]["acc,none"])
+    assert rows["hybrid", "mlp"].recall.value == pytest.approx(100 * recall["accuracy"])
+    report = (finished / "report.md").read_text()
+    assert "| standard | standard |" in report and "| skip | mlp |" in report
+    assert "## The paper's claims, checked on this run" in report
+    assert "(analysis/uniform/radar.png)" in report
+    csv_lines = (finished / "report.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 3
+
+
+def test_a_finished_study_is_reused_on_resume_and_refused_without(finished):
+    before = {path: path.stat().st_mtime_ns for path in finished.rglob("stages/*.json")}
+    with pytest.raises(ValueError, match="already holds a study; add --resume"):
+        run_study(mini_study(), finished, progress=False)
+    result = run_study(mini_study(), finished, resume=True, progress=False)
+    assert result["failed"] == []
+    assert {path: path.stat().st_mtime_ns for path in finished.rglob("stages/*.json")} == before
+    other = build_study("quick", mixers=["mlp"])
+    with pytest.raises(ValueError, match="whose runs differ"):
+        run_study(other, finished, resume=True, progress=False)
+
+
+def test_a_killed_study_resumes_where_it_stopped(tmp_path):
+    out = tmp_path / "killed"
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from test_study import mini_study; "
+        "from attnlab.study import run_study; run_study(mini_study(), sys.argv[2], jobs=1, progress=False)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(Path(__file__).parent), str(out)], start_new_session=True
+    )
+    first_train = out / "runs" / "corpus-standard" / "study" / "stages" / "train.json"
+    deadline = time.monotonic() + 240
+    while not first_train.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert first_train.is_file(), "the study never finished its first training stage"
+    trained = first_train.read_text()
+    assert not (out / "report.md").exists()
+
+    result = run_study(mini_study(), out, jobs=1, resume=True, progress=False)
+    assert result["failed"] == []
+    assert first_train.read_text() == trained  # the finished training was reused, not repeated
+    assert_complete(out, mini_study())
+
+
+def test_the_submitit_local_executor_runs_the_same_study(tmp_path):
+    out = tmp_path / "submitit"
+    result = run_study(mini_study(), out, jobs=2, executor="submitit-local", progress=False)
+    assert result["failed"] == []
+    assert_complete(out, mini_study())
+    assert any((out / "submitit").glob("*_result.pkl"))  # the runs went through submitit's jobs
+
+
+def test_a_failing_stage_is_reported_and_retried_on_resume(tmp_path):
+    broken = Run(
+        "recall-standard",
+        "recall",
+        "standard",
+        "standard",
+        "uniform:standard",
+        "cpu-tiny",
+        TINY_MODEL,
+        {**TINY_RECALL_TRAIN, "data": "mqar:pairs=50,vocab=16"},
+    )  # too many pairs: train refuses
+    study = Study("broken", [broken])
+    result = run_study(study, tmp_path / "b", progress=False)
+    assert result["failed"] == ["recall-standard"]
+    log = (tmp_path / "b" / "runs" / "recall-standard" / "study" / "log.txt").read_text()
+    assert "attnlab: error:" in log and "pairs" in log
+    assert stage_record(tmp_path / "b", broken, "train") is None  # not recorded: a resume tries again
+    assert (tmp_path / "b" / "report.md").is_file()  # the report still shows what there is
+
+
+def test_dry_run_marks_finished_runs(finished):
+    text = dry_run_text(load_study(finished), finished)
+    assert text.count("(done)") == 2 and "(to do)" not in text
+
+
+# ------------------------------------------------------------------------------------------------- claims
+
+
+def row(group: str, mixer: str, ppl=None, recall=None, stderr=1.0, chance=1.0) -> Row:
+    result = Row(group, mixer)
+    result.heldout_ppl = Measure(ppl)
+    result.recall = Measure(recall, stderr if recall is not None else None)
+    result.recall_chance = chance
+    return result
+
+
+def test_mlp_claim_follows_the_numbers():
+    standard = row("standard", "standard", 100.0, 95.0)
+    assert claim_mlp_collapses([standard, row("uniform", "mlp", 300.0, 2.0)]).verdict == AGREES
+    assert claim_mlp_collapses([standard, row("uniform", "mlp", 300.0, 60.0)]).verdict == DISAGREES
+    untrained = row("standard", "standard", 100.0, 3.0)
+    assert claim_mlp_collapses([untrained, row("uniform", "mlp", 300.0, 2.0)]).verdict == CANNOT_TELL
+    assert claim_mlp_collapses([standard]).verdict == CANNOT_TELL
+    assert "95.0 ± 1.0" in claim_mlp_collapses([standard, row("uniform", "mlp", 300.0, 2.0)]).evidence
+
+
+def test_hybrid_and_skip_claims_follow_the_numbers():
+    standard = row("standard", "standard", 100.0, 95.0)
+    close = [standard, row("hybrid", "mlp", 105.0, 93.0), row("hybrid", "nonapprox", 99.0, 96.0)]
+    assert claim_hybrids_match(close).verdict == AGREES
+    far = [standard, row("hybrid", "mlp", 105.0, 93.0), row("hybrid", "nonapprox", 150.0, 96.0)]
+    result = claim_hybrids_match(far)
+    assert result.verdict == DISAGREES and "not close: nonapprox" in result.evidence
+    assert claim_hybrids_match([row("standard", "standard", 100.0, 2.0), *close[1:]]).verdict == CANNOT_TELL
+
+    hybrid = row("hybrid", "mlp", 105.0, 93.0)
+    assert claim_skip_collapses([standard, hybrid, row("skip", "mlp", 5000.0, 1.0)]).verdict == AGREES
+    assert claim_skip_collapses([standard, hybrid, row("skip", "mlp", 110.0, 90.0)]).verdict == DISAGREES
+    assert claim_skip_collapses([standard, hybrid]).verdict == CANNOT_TELL
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def test_recall_refuses_a_corpus_model_without_a_task(finished, capsys):
+    corpus_model = run_folder(finished, mini_study().runs[0])
+    assert cli.main(["recall", str(corpus_model), "--out", str(finished / "r.json")]) == 2
+    assert "was not trained on a synthetic task" in capsys.readouterr().err
+
+
+def test_study_cli_bad_input_is_one_line(tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "something").write_text("x")
+    assert cli.main(["study", "--out", str(tmp_path / "full"), "--mixers", "mlp"]) == 2
+    assert "is not empty and holds no study" in capsys.readouterr().err
+    assert cli.main(["study", "--jobs", "0", "--out", str(tmp_path / "new")]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
