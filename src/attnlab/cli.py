@@ -124,7 +124,7 @@ def command_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         print(f"attnlab: error: {error}", file=sys.stderr)
         return EXIT_DIVERGED
-    print(f"attnlab: trained model, tokenizer and metrics are in {out}", file=sys.stderr)
+    print(f"attnlab: the trained model, its metrics and checkpoints are in {out}", file=sys.stderr)
     return 0
 
 

@@ -60,7 +60,7 @@ STUDY_FILES = "study"  # runs/NAME/study/: the log, stage records and evaluation
 
 # quick: one cpu-tiny model per variant on the built-in corpus, about a minute of one core each.
 QUICK_CORPUS_TRAIN = {
-    "tokens": 200_000,
+    "tokens": 150_000,
     "warmup_steps": 20,
     "save_every": 50,
     "eval_every": 0,
