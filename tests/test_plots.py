@@ -169,11 +169,18 @@ def test_loss_curves(tmp_path):
     ax = fig.axes[0]
     assert ax.get_xlabel() == "tokens seen" and "loss" in ax.get_ylabel() and fig.get_suptitle()
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["hybrid: train", "hybrid: held-out", "uniform: train", "uniform: held-out"]
-    held_out = next(line for line in ax.lines if line.get_label() == "uniform: held-out")
+    assert labels == ["hybrid", "uniform"]  # one entry per run; the title says dots are held-out losses
+    held_out = [line for line in ax.lines if line.get_marker() == "o"][1]  # the second run's
     assert list(held_out.get_xdata()) == [2048 * 100, 2048 * 200] and list(held_out.get_ydata()) == [3.5, 2.5]
     assert overlapping_text(fig) == []
     assert [p.suffix for p in loss_curves(files, tmp_path)] == [".png", ".svg"]
+
+    many = files + [files[0]] * 6  # eight runs: the legend moves beside the axes, off the curves
+    fig = loss_figure(many, labels=[f"run {i}" for i in range(8)])
+    assert overlapping_text(fig) == []  # draws the figure
+    renderer = fig.canvas.get_renderer()
+    legend, axes = fig.axes[0].get_legend().get_window_extent(renderer), fig.axes[0].get_window_extent(renderer)
+    assert legend.x0 >= axes.x1
 
 
 def test_bad_metrics_files_are_one_line(tmp_path):

@@ -81,8 +81,11 @@ def _layers_by_index(indicators: dict) -> tuple[list[str], dict[int, dict[str, d
     return labels, dict(sorted(by_index.items()))
 
 
-def _mixer_names(entries: dict[str, dict]) -> str:
-    return " / ".join(dict.fromkeys(entry["mixer"] for entry in entries.values()))
+def _mixer_names(entries: dict[str, dict], most: int = 3) -> str:
+    """The layer's mixers across the models ("standard / mlp"), or "mixed" when there are more than `most`
+    (the legend names the models)."""
+    names = list(dict.fromkeys(entry["mixer"] for entry in entries.values()))
+    return " / ".join(names) if len(names) <= most else f"{len(names)} mixers"
 
 
 def _radar_value(entry: dict, source: tuple[str, ...]) -> float:
@@ -333,7 +336,7 @@ def loss_figure(metrics_files: Sequence[str | Path], labels: Sequence[str] | Non
             loss = np.array([r["loss"] for r in train], dtype=float)
             window = max(1, len(loss) // 50)
             ax.plot(tokens, loss, color=colour, alpha=0.25, linewidth=0.8)
-            ax.plot(tokens, _moving_mean(loss, window), color=colour, linewidth=1.8, label=f"{label}: train")
+            ax.plot(tokens, _moving_mean(loss, window), color=colour, linewidth=1.8, label=label)
         if held_out:
             ax.plot(
                 [r["tokens"] for r in held_out],
@@ -342,13 +345,17 @@ def loss_figure(metrics_files: Sequence[str | Path], labels: Sequence[str] | Non
                 color=colour,
                 markeredgecolor="black",
                 markersize=5,
-                label=f"{label}: held-out",
+                label=None if train else label,
             )
     ax.xaxis.set_major_formatter(EngFormatter())
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(paths) > 6:  # many runs: the legend goes beside the axes instead of over the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.set_figwidth(MIN_FIGURE_WIDTH + 4)
+    else:
+        ax.legend(fontsize=8)
     ax.set_title("faint: per-step loss; solid: moving mean over 2 % of the steps; dots: held-out loss", fontsize=8)
     fig.suptitle("Training loss", fontsize=12)
     return fig
