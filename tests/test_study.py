@@ -191,6 +191,7 @@ def test_a_miniature_study_runs_every_stage_and_writes_the_report(finished):
     recall = json.loads((run_folder(finished, study.runs[1]) / "study" / "recall.json").read_text())
     assert recall["examples"] == 8 and 0.0 <= recall["accuracy"] <= 1.0
     assert recall["chance"] == pytest.approx(1 / 7)  # mqar vocab 16: 7 value tokens
+    assert recall["context_guess"] == pytest.approx(1 / 2)  # 2 pairs in the context
     assert recall["attnlab"]["mixer_types"] == ["mlp", "standard"]
     skip = json.loads((run_folder(finished, study.runs[1]) / "study" / "recall-skip.json").read_text())
     assert skip["attnlab"]["skip_nonstandard"] is True
@@ -281,11 +282,12 @@ def test_dry_run_marks_finished_runs(finished):
 # ------------------------------------------------------------------------------------------------- claims
 
 
-def row(group: str, mixer: str, ppl=None, recall=None, stderr=1.0, chance=1.0) -> Row:
+def row(group: str, mixer: str, ppl=None, recall=None, stderr=1.0, chance=1.0, floor=None) -> Row:
     result = Row(group, mixer)
     result.heldout_ppl = Measure(ppl)
     result.recall = Measure(recall, stderr if recall is not None else None)
     result.recall_chance = chance
+    result.recall_floor = chance if floor is None else floor
     return result
 
 
@@ -312,6 +314,11 @@ def test_hybrid_and_skip_claims_follow_the_numbers():
     assert claim_skip_collapses([standard, hybrid, row("skip", "mlp", 5000.0, 1.0)]).verdict == AGREES
     assert claim_skip_collapses([standard, hybrid, row("skip", "mlp", 110.0, 90.0)]).verdict == DISAGREES
     assert claim_skip_collapses([standard, hybrid]).verdict == CANNOT_TELL
+    # 25 % MQAR with 4 pairs is guessing among the context's values: no recall left, though above 14 % chance.
+    guessing = row("skip", "mlp", 150.0, 25.0, chance=14.3, floor=25.0)
+    assert claim_skip_collapses([standard, hybrid, guessing]).verdict == AGREES
+    stuck = row("standard", "standard", 100.0, 26.0, chance=14.3, floor=25.0)
+    assert claim_hybrids_match([stuck, hybrid]).verdict == CANNOT_TELL
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -491,7 +491,8 @@ def evaluate_recall(
     """Accuracy of a checkpoint on held-out examples of a synthetic recall task (`attnlab.synthetic`).
 
     `task_spec` defaults to the task the run was trained on (its `train.data`); the sequence length and the
-    seed are the run's. Returns {"task", "accuracy", "stderr", "chance", counts…, "attnlab": metadata}.
+    seed are the run's. Returns {"task", "accuracy", "stderr", "chance", "context_guess" (the accuracy of
+    guessing among the values in the context), counts…, "attnlab": metadata}.
     """
     from .synthetic import is_task_spec, parse_task_spec, recall_accuracy
 
@@ -512,7 +513,14 @@ def evaluate_recall(
         )
     result = recall_accuracy(loaded.model, task, num_examples, batch_size, device, seed=int(train.get("seed", 0)))
     metadata = checkpoint_metadata(checkpoint, loaded, skip_nonstandard, device, "float32")
-    return {"task": spec, "seq_len": seq_len, **result, "chance": task.chance_accuracy, "attnlab": metadata}
+    return {
+        "task": spec,
+        "seq_len": seq_len,
+        **result,
+        "chance": task.chance_accuracy,
+        "context_guess": task.context_guess_accuracy,
+        "attnlab": metadata,
+    }
 
 
 def perplexity_by_context(

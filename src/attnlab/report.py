@@ -44,7 +44,8 @@ class Row:
     lastword: Measure = field(default_factory=Measure)  # accuracy, percent
     cloze: Measure = field(default_factory=Measure)  # accuracy, percent
     recall: Measure = field(default_factory=Measure)  # accuracy at query positions, percent
-    recall_chance: float | None = None  # percent
+    recall_chance: float | None = None  # percent: uniform guessing over the answer tokens
+    recall_floor: float | None = None  # percent: the better of chance and guessing among the context's values
     parameters: int | None = None
     train_seconds: float | None = None  # corpus run
     recall_train_seconds: float | None = None
@@ -89,6 +90,7 @@ def _fill_recall(row: Row, folder: Path, results_file: str) -> None:
         return
     row.recall = Measure(100.0 * record["accuracy"], 100.0 * record["stderr"])
     row.recall_chance = 100.0 * record["chance"]
+    row.recall_floor = 100.0 * max(record["chance"], record.get("context_guess", record["chance"]))
 
 
 def _train_seconds(folder: Path, row: Row) -> float | None:
@@ -171,9 +173,12 @@ HEADER = [
 
 def markdown_table(rows: list[Row]) -> str:
     chance = next((row.recall_chance for row in rows if row.recall_chance is not None), None)
+    floor = next((row.recall_floor for row in rows if row.recall_floor is not None), None)
     lines = ["| " + " | ".join(HEADER) + " |", "|---|---|" + "---:|" * (len(HEADER) - 2)]
     chance_recall = "–" if chance is None else f"{chance:.1f}"
     lines.append(f"| reference | random guess | – | 0.0 | 25.0 | {chance_recall} | – | – | – |")
+    if floor is not None and floor != chance:
+        lines.append(f"| reference | guess among the context's values | – | – | – | {floor:.1f} | – | – | – |")
     for row in rows:
         lines.append("| " + " | ".join(table_cells(row)) + " |")
     return "\n".join(lines) + "\n"
@@ -241,9 +246,9 @@ def _at_chance(measure: Measure, chance: float) -> bool:
 
 
 def _untrained(row: Row) -> bool:
-    """Whether a row's recall accuracy is known and not well above chance (the model learned no recall)."""
-    known = row.recall.value is not None and row.recall_chance is not None
-    return known and row.recall.value - row.recall_chance < WELL_ABOVE_POINTS
+    """Whether a row's recall accuracy is known and not well above the no-recall floor (it learned no recall)."""
+    known = row.recall.value is not None and row.recall_floor is not None
+    return known and row.recall.value - row.recall_floor < WELL_ABOVE_POINTS
 
 
 def _close(a: Measure, b: Measure, points: float) -> bool:
@@ -333,14 +338,17 @@ def claim_skip_collapses(rows: list[Row]) -> Claim:
     for row in skips:
         hybrid = _find(rows, "hybrid", row.mixer)
         ratio = _ppl_ratio(row, hybrid)
-        chance = row.recall_chance
-        recall_collapsed = None if row.recall.value is None or chance is None else _at_chance(row.recall, chance)
+        floor = row.recall_floor
+        recall_collapsed = None if row.recall.value is None or floor is None else _at_chance(row.recall, floor)
         collapsed = (ratio is not None and ratio >= COLLAPSE_PPL_RATIO) or recall_collapsed is True
         parts.append(f"{row.mixer}: ppl ×{ratio:.1f} of its hybrid" if ratio is not None else f"{row.mixer}: ppl –")
         parts[-1] += f", MQAR {_cell(row.recall)}" if row.recall.value is not None else ""
         if not collapsed:
             survivors.append(row.mixer)
-    evidence = "; ".join(parts) + (f" (collapse = ppl ≥ {COLLAPSE_PPL_RATIO:.0f}× the hybrid's, or MQAR at chance)")
+    evidence = "; ".join(parts) + (
+        f" (collapse = ppl ≥ {COLLAPSE_PPL_RATIO:.0f}× the hybrid's, or MQAR down to the no-recall floor: the "
+        "better of chance and guessing among the values in the context)"
+    )
     return Claim(
         statement,
         source,

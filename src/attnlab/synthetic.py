@@ -103,6 +103,12 @@ class MQARTask:
         return 1.0 / self.keys_per_range
 
     @property
+    def context_guess_accuracy(self) -> float:
+        """Accuracy of guessing among the values present in the context, without recalling which key they
+        belong to: where mixers that see the context but cannot match keys by content end up."""
+        return 1.0 / self.num_pairs
+
+    @property
     def spec(self) -> str:
         return f"mqar:vocab={self.vocab_size},pairs={self.num_pairs},queries={self.num_queries},filler={self.filler}"
 
@@ -171,6 +177,11 @@ class InductionTask:
     @property
     def chance_accuracy(self) -> float:
         return 1.0 / self.vocab_size
+
+    @property
+    def context_guess_accuracy(self) -> float:
+        """A model that cannot copy guesses uniformly: the same as chance."""
+        return self.chance_accuracy
 
     @property
     def spec(self) -> str:
