@@ -82,8 +82,8 @@ def _layers_by_index(indicators: dict) -> tuple[list[str], dict[int, dict[str, d
 
 
 def _mixer_names(entries: dict[str, dict], most: int = 3) -> str:
-    """The layer's mixers across the models ("standard / mlp"), or "mixed" when there are more than `most`
-    (the legend names the models)."""
+    """The layer's mixers across the models ("standard / mlp"), or their count ("7 mixers") when there are
+    more than `most` (the legend names the models)."""
     names = list(dict.fromkeys(entry["mixer"] for entry in entries.values()))
     return " / ".join(names) if len(names) <= most else f"{len(names)} mixers"
 

@@ -262,6 +262,12 @@ def _ppl_ratio(row: Row | None, reference: Row | None) -> float | None:
     return row.heldout_ppl.value / reference.heldout_ppl.value
 
 
+def _versus(row: Row, ratio: float | None, reference: str = "", digits: int = 2) -> str:
+    """ "mixer: ppl ×ratio[ of reference], MQAR acc": one model's part of a claim's evidence."""
+    part = f"{row.mixer}: ppl ×{ratio:.{digits}f}{reference}" if ratio is not None else f"{row.mixer}: ppl –"
+    return part + (f", MQAR {_cell(row.recall)}" if row.recall.value is not None else "")
+
+
 def claim_mlp_collapses(rows: list[Row]) -> Claim:
     statement = "Token mixing is necessary: uniform mlp collapses (recall at chance) while standard does not"
     standard, mlp = _find(rows, "standard"), _find(rows, "uniform", "mlp")
@@ -280,8 +286,8 @@ def claim_mlp_collapses(rows: list[Row]) -> Claim:
             statement,
             source,
             CANNOT_TELL,
-            evidence + f" — standard is not {WELL_ABOVE_POINTS:.0f} points "
-            "above chance, so this budget cannot separate them",
+            evidence + f" — standard is not {WELL_ABOVE_POINTS:.0f} points above the no-recall level, "
+            "so this budget cannot separate them",
         )
     verdict = AGREES if _at_chance(mlp.recall, chance) else DISAGREES
     return Claim(statement, source, verdict, evidence)
@@ -300,7 +306,7 @@ def claim_hybrids_match(rows: list[Row]) -> Claim:
             source,
             CANNOT_TELL,
             f"standard's MQAR accuracy {_cell(standard.recall)} is not "
-            f"{WELL_ABOVE_POINTS:.0f} points above chance: nothing learned to match",
+            f"{WELL_ABOVE_POINTS:.0f} points above the no-recall level: nothing learned to match",
         )
     parts, outliers, unknown = [], [], []
     for row in hybrids:
@@ -312,8 +318,7 @@ def claim_hybrids_match(rows: list[Row]) -> Claim:
             unknown.append(row.mixer)
             continue
         close = (ratio is None or ratio <= CLOSE_PPL_RATIO) and recall_ok is not False
-        parts.append(f"{row.mixer}: ppl ×{ratio:.2f}" if ratio is not None else f"{row.mixer}: ppl –")
-        parts[-1] += f", MQAR {_cell(row.recall)}" if row.recall.value is not None else ""
+        parts.append(_versus(row, ratio))
         if not close:
             outliers.append(row.mixer)
     evidence = (
@@ -341,8 +346,7 @@ def claim_skip_collapses(rows: list[Row]) -> Claim:
         floor = row.recall_floor
         recall_collapsed = None if row.recall.value is None or floor is None else _at_chance(row.recall, floor)
         collapsed = (ratio is not None and ratio >= COLLAPSE_PPL_RATIO) or recall_collapsed is True
-        parts.append(f"{row.mixer}: ppl ×{ratio:.1f} of its hybrid" if ratio is not None else f"{row.mixer}: ppl –")
-        parts[-1] += f", MQAR {_cell(row.recall)}" if row.recall.value is not None else ""
+        parts.append(_versus(row, ratio, " of its hybrid", digits=1))
         if not collapsed:
             survivors.append(row.mixer)
     evidence = "; ".join(parts) + (
@@ -394,11 +398,12 @@ def claim_sequence_dependency(rows: list[Row]) -> Claim:
     parts, agree = [], True
     for row in variants:
         ratio = _ppl_ratio(row, standard)
-        parts.append(f"{row.mixer}: ppl ×{ratio:.2f}" if ratio else f"{row.mixer}: ppl –")
-        parts[-1] += f", MQAR {_cell(row.recall)}"
+        parts.append(_versus(row, ratio))
         worse_ppl = ratio is not None and ratio > 1.0
-        worse_recall = row.recall.value is not None and standard.recall.value - row.recall.value > max(
-            CLOSE_ACC_POINTS, 2 * math.hypot(row.recall.stderr or 0, standard.recall.stderr or 0)
+        worse_recall = (
+            row.recall.value is not None
+            and row.recall.value < standard.recall.value
+            and not _close(row.recall, standard.recall, CLOSE_ACC_POINTS)
         )
         agree = agree and worse_ppl and worse_recall
     evidence = f"standard MQAR {_cell(standard.recall)}; " + "; ".join(parts)

@@ -4,18 +4,18 @@ A study is a list of `Run`s built in code from a base preset (`build_study`). Ea
 stages, and every stage is an ordinary `attnlab` command line (`Run.stages`), so `--dry-run` prints
 exactly what will be executed and any stage can be re-run by hand:
 
-    train        attnlab train --preset P --layers L … --out DIR/runs/NAME/model
-    eval         attnlab eval  MODEL --tasks offline --out DIR/runs/NAME/results.json
-    skip         attnlab eval  MODEL --tasks offline --skip-nonstandard --out …/skip.json
-    recall       attnlab recall MODEL --out …/recall.json                 (runs trained on a recall task)
-    recall-skip  attnlab recall MODEL --skip-nonstandard --out …/recall-skip.json
+    train        attnlab train --preset P --layers L … --out DIR/runs/NAME
+    eval         attnlab eval  DIR/runs/NAME --tasks offline --out DIR/runs/NAME/study/results.json
+    skip         attnlab eval  DIR/runs/NAME --tasks offline --skip-nonstandard --out …/study/skip.json
+    recall       attnlab recall DIR/runs/NAME --out …/study/recall.json      (runs trained on a recall task)
+    recall-skip  attnlab recall DIR/runs/NAME --skip-nonstandard --out …/study/recall-skip.json
 
 then study-wide `attnlab analyze` runs (`Study.analyses`) and `DIR/report.md` (`attnlab.report`).
 
 Execution (`run_study`): up to `jobs` runs at once, each in a worker process that imports attnlab once and
 calls `attnlab.cli.main` on the stage's arguments (the training stage goes through `torchrun` when CUDA
 devices are present); or each run as a `submitit` job (`executor="submitit-local"` or `"slurm"`). A
-finished stage leaves `runs/NAME/stages/<stage>.json` (its seconds and exit status) and is never run
+finished stage leaves `runs/NAME/study/stages/<stage>.json` (its seconds and exit status) and is never run
 again; a killed study resumes where it stopped: an interrupted training continues from its newest
 checkpoint. A run folder is locked (`flock`) while a process works in it, so a study restarted while an
 orphaned worker still finishes a run waits for it instead of writing beside it. Every stage's output goes
@@ -55,8 +55,7 @@ from .runconfig import write_text_atomic
 VARIANTS = tuple(name for name in MIXER_NAMES if name != "standard")
 EXECUTORS = ("local", "submitit-local", "slurm")
 PAPER_STUDIES = ("paper-70m", "paper-160m", "paper-500m")
-EXIT_DIVERGED = 3
-STUDY_FILES = "study"  # runs/NAME/study/: the log, stage records and evaluation results of a run  # attnlab train's exit status when the divergence guard stops a run
+STUDY_FILES = "study"  # runs/NAME/study/: the log, stage records and evaluation results of a run
 
 # quick: one cpu-tiny model per variant on the built-in corpus, about a minute of one core each.
 QUICK_CORPUS_TRAIN = {
@@ -307,9 +306,10 @@ def format_command(argv: Sequence[str], launcher: Sequence[str] = ("attnlab",)) 
 def dry_run_text(study: Study, out: Path) -> str:
     lines = [f"study {study.name}: {len(study.runs)} runs, {len(study.analyses)} analyses → {out}"]
     for run in study.runs:
-        state = "done" if stage_record(out, run, run.stages(run_folder(out, run))[-1][0]) else "to do"
+        stages = run.stages(run_folder(out, run))
+        state = "done" if stage_record(out, run, stages[-1][0]) else "to do"
         lines.append(f"\n# {run.name}  [{run.data}, {run.layers}]  ({state})")
-        lines += [format_command(argv) for _, argv in run.stages(run_folder(out, run))]
+        lines += [format_command(argv) for _, argv in stages]
     for analysis in study.analyses:
         lines.append(f"\n# analysis {analysis.name}")
         lines.append(format_command(analysis_argv(out, study, analysis)))
@@ -348,6 +348,14 @@ def _output_to(log: Path) -> Iterator[None]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def _use_threads(threads: int | None) -> None:
+    """Give this worker process `threads` torch intra-op threads (None: leave torch's setting)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _torchrun_prefix() -> list[str]:
@@ -402,14 +410,13 @@ def execute_run(out: str, name: str, threads: int | None = None) -> dict:
 
     Returns {"name", "stages": {stage: record}, "failed": what failed or None, "log": the log file}.
     """
+    from .train import EXIT_DIVERGED
+
     out_path = Path(out)
     study = load_study(out_path)
     run = study.run(name)
-    folder = run_folder(out_path, run)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    folder = run_folder(out_path, run)  # the training output folder, which every later stage reads
+    _use_threads(threads)
     files = folder / STUDY_FILES
     summary: dict[str, Any] = {"name": name, "stages": {}, "failed": None, "log": str(files / "log.txt")}
     with _locked(files):
@@ -418,13 +425,12 @@ def execute_run(out: str, name: str, threads: int | None = None) -> dict:
         for stage, argv in run.stages(folder):
             record = stage_record(out_path, run, stage)
             if record is None:
-                model = folder
                 prefix: list[str] = []
                 if stage == "train":
-                    argv = _prepare_training(model, argv)
+                    argv = _prepare_training(folder, argv)
                     prefix = _torchrun_prefix()
                 elif diverged:
-                    argv = _evaluate_checkpoint_instead(argv, model)
+                    argv = _evaluate_checkpoint_instead(argv, folder)
                     if argv is None:
                         summary["stages"][stage] = {"status": "no model", "seconds": 0.0}
                         continue
@@ -460,24 +466,21 @@ def execute_analysis(out: str, name: str, threads: int | None = None) -> dict:
     study = load_study(out_path)
     analysis = next(item for item in study.analyses if item.name == name)
     folder = out_path / "analysis" / name
-    marker = folder / "done.json"
+    marker, log = folder / "done.json", folder / "log.txt"
     if marker.is_file():
-        return {"name": name, "failed": None, "log": str(folder / "log.txt"), "reused": True}
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+        return {"name": name, "failed": None, "log": str(log), "reused": True}
+    _use_threads(threads)
     available = [run for run in analysis.runs if (run_folder(out_path, study.run(run)) / "config.json").is_file()]
     if not available:
-        return {"name": name, "failed": "no trained model", "log": str(folder / "log.txt")}
+        return {"name": name, "failed": "no trained model", "log": str(log)}
     argv = analysis_argv(out_path, study, dataclasses.replace(analysis, runs=tuple(available)))
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    code = _execute(argv, folder / "log.txt", [])
+    code = _execute(argv, log, [])
     if code != 0:
-        return {"name": name, "failed": f"exit status {code}", "log": str(folder / "log.txt")}
+        return {"name": name, "failed": f"exit status {code}", "log": str(log)}
     write_text_atomic(marker, json.dumps({"seconds": time.perf_counter() - started, "argv": argv}) + "\n")
-    return {"name": name, "failed": None, "log": str(folder / "log.txt")}
+    return {"name": name, "failed": None, "log": str(log)}
 
 
 def load_study(out: Path) -> Study:
@@ -490,7 +493,6 @@ def load_study(out: Path) -> Study:
 def _claim_folder(out: Path, study: Study, resume: bool) -> None:
     """Write study.json, or check that the one in `out` describes the same study when resuming."""
     path = out / "study.json"
-    document = json.dumps(study.to_dict(), indent=1) + "\n"
     if path.is_file():
         if not resume:
             raise ValueError(f"{out} already holds a study; add --resume to continue it, or choose another --out")
@@ -505,7 +507,7 @@ def _claim_folder(out: Path, study: Study, resume: bool) -> None:
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no study; choose an empty or new --out")
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, document)
+    write_text_atomic(path, json.dumps(study.to_dict(), indent=1) + "\n")
 
 
 def run_study(
