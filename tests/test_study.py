@@ -24,6 +24,7 @@ from attnlab.report import (
     claim_mlp_collapses,
     claim_skip_collapses,
     collect_rows,
+    columns_at_chance,
 )
 from attnlab.runconfig import resolve_run_config
 from attnlab.study import (
@@ -299,6 +300,20 @@ def test_mlp_claim_follows_the_numbers():
     assert claim_mlp_collapses([untrained, row("uniform", "mlp", 300.0, 2.0)]).verdict == CANNOT_TELL
     assert claim_mlp_collapses([standard]).verdict == CANNOT_TELL
     assert "95.0 ± 1.0" in claim_mlp_collapses([standard, row("uniform", "mlp", 300.0, 2.0)]).evidence
+
+
+def test_columns_at_chance_name_only_columns_no_trained_model_rises_above():
+    standard = row("standard", "standard", 100.0, 95.0)
+    mlp = row("uniform", "mlp", 300.0, 1.5)
+    for model, lastword, cloze in ((standard, 3.0, 27.0), (mlp, 0.0, 26.0)):
+        model.lastword, model.cloze = Measure(lastword, 1.0), Measure(cloze, 3.0)
+    skip = row("skip", "mlp", 900.0, 1.0)
+    assert columns_at_chance([standard, mlp, skip]) == ["lastword", "cloze"]
+    standard.cloze = Measure(40.0, 3.0)  # 15 points above 25 % with σ 3: above chance
+    assert columns_at_chance([standard, mlp, skip]) == ["lastword"]
+    mlp.recall = standard.recall = Measure(1.2, 0.5)  # MQAR at chance for every trained model; skip rows ignored
+    assert columns_at_chance([standard, mlp, skip]) == ["lastword", "MQAR"]
+    assert columns_at_chance([row("standard", "standard", 100.0)]) == []  # nothing measured: nothing to say
 
 
 def test_hybrid_and_skip_claims_follow_the_numbers():

@@ -25,6 +25,8 @@ WELL_ABOVE_POINTS = 25.0  # and this many points above it is "well above chance"
 CLOSE_PPL_RATIO = 1.10  # "close to standard": held-out perplexity within 10 % …
 CLOSE_ACC_POINTS = 5.0  # … and recall accuracy within max(this, 2 combined stderr) points
 COLLAPSE_PPL_RATIO = 2.0  # "collapses": perplexity at least twice that of the model it came from
+LASTWORD_CHANCE = 0.0  # percent: exact greedy continuation of an open vocabulary
+CLOZE_CHANCE = 25.0  # percent: one ending of four
 
 
 @dataclass
@@ -176,7 +178,9 @@ def markdown_table(rows: list[Row]) -> str:
     floor = next((row.recall_floor for row in rows if row.recall_floor is not None), None)
     lines = ["| " + " | ".join(HEADER) + " |", "|---|---|" + "---:|" * (len(HEADER) - 2)]
     chance_recall = "–" if chance is None else f"{chance:.1f}"
-    lines.append(f"| reference | random guess | – | 0.0 | 25.0 | {chance_recall} | – | – | – |")
+    lines.append(
+        f"| reference | random guess | – | {LASTWORD_CHANCE:.1f} | {CLOZE_CHANCE:.1f} | {chance_recall} | – | – | – |"
+    )
     if floor is not None and floor != chance:
         lines.append(f"| reference | guess among the context's values | – | – | – | {floor:.1f} | – | – | – |")
     for row in rows:
@@ -243,6 +247,23 @@ def _find(rows: list[Row], group: str, mixer: str | None = None) -> Row | None:
 
 def _at_chance(measure: Measure, chance: float) -> bool:
     return measure.value - chance <= max(NEAR_CHANCE_POINTS, 2 * (measure.stderr or 0.0))
+
+
+def columns_at_chance(rows: list[Row]) -> list[str]:
+    """The accuracy columns on which no trained model (skip rows aside) is above chance: at this budget they
+    cannot separate the mixers."""
+    trained = [row for row in rows if row.group != "skip"]
+    columns = {
+        "lastword": [(row.lastword, LASTWORD_CHANCE) for row in trained],
+        "cloze": [(row.cloze, CLOZE_CHANCE) for row in trained],
+        "MQAR": [(row.recall, row.recall_chance) for row in trained if row.recall_chance is not None],
+    }
+    return [
+        name
+        for name, pairs in columns.items()
+        if (known := [(m, chance) for m, chance in pairs if m.value is not None])
+        and all(_at_chance(m, chance) for m, chance in known)
+    ]
 
 
 def _untrained(row: Row) -> bool:
@@ -501,6 +522,12 @@ def write_report(out: str | Path, study) -> Path:
         "",
         markdown_table(rows),
     ]
+    if at_chance := columns_at_chance(rows):
+        lines += [
+            f"No model is above chance on {', '.join(at_chance)} (within max({NEAR_CHANCE_POINTS:.0f} points, 2σ)):"
+            + " at this budget these columns cannot separate the mixers.",
+            "",
+        ]
     if failed:
         lines += ["Incomplete rows: " + "; ".join(failed), ""]
     lines += ["## The paper's claims, checked on this run", ""]
