@@ -381,13 +381,9 @@ def run_harness(lm, manager, names: Sequence[str], limit: int | float | None, lo
     import lm_eval
 
     offline = _hub_offline() if getattr(manager, "attnlab_hub_unreachable", None) else contextlib.nullcontext()
-    # bootstrap_iters=1000 is one chunk: the harness's process pool for it would only add start-up time
-    # (~20 s in a spawned worker of attnlab study).
-    with (
-        offline,
-        _environment(DISABLE_MULTIPROC="1"),
-        _quiet("lm_eval"),
-    ):  # progress bars stay; truncation and config notices go
+    # Progress bars stay; truncation and config notices go. bootstrap_iters=1000 is one chunk: the harness's
+    # process pool for it would only add start-up time (~20 s in a spawned worker of attnlab study).
+    with offline, _environment(DISABLE_MULTIPROC="1"), _quiet("lm_eval"):
         return lm_eval.simple_evaluate(
             model=lm,
             tasks=list(names),
