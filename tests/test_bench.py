@@ -33,7 +33,8 @@ def _numbers(tree):
         yield tree
 
 
-def test_bench_writes_well_formed_results(tmp_path):
+def test_bench_writes_well_formed_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "1000000")  # the allocator's tunables are recorded with the run
     settings = BenchSettings(
         model_overrides=TINY_MODEL,
         mixers=("standard", "nonapprox"),
@@ -51,6 +52,7 @@ def test_bench_writes_well_formed_results(tmp_path):
     results = json.loads((tmp_path / "bench.json").read_text())
     assert {"environment", "settings", "config", "train", "prefill", "decode", "decode_spread", "cache"} <= set(results)
     assert results["environment"]["threads"] == 1 and results["environment"]["torch"] == torch.__version__
+    assert results["environment"]["allocator_environment"]["MALLOC_TOP_PAD_"] == "1000000"
     train = results["train"]
     for key in ("attnlab_tokens_per_s", "hf_qwen2_tokens_per_s", "ratio"):
         assert math.isfinite(train[key]) and train[key] > 0
@@ -66,6 +68,7 @@ def test_bench_writes_well_formed_results(tmp_path):
     numbers = list(_numbers({key: results[key] for key in ("train", "prefill", "decode", "decode_spread", "cache")}))
     assert numbers and all(math.isfinite(value) and value >= 0 for value in numbers)
     markdown = (tmp_path / "bench.md").read_text()
+    assert "Memory allocator environment: " in markdown and "MALLOC_TOP_PAD_=1000000" in markdown
     assert "| standard |" in markdown and "Qwen2" in markdown
     assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -22,6 +22,8 @@ from attnlab.plots import (
     radar_figure,
     radar_plots,
     read_metrics,
+    share_sweep,
+    share_sweep_figure,
 )
 
 
@@ -195,3 +197,32 @@ def test_bad_metrics_files_are_one_line(tmp_path):
         read_metrics(tmp_path / "missing.jsonl")
     bad.write_text('{"step": 1, "loss": 2.0, "tokens": 10}\n{"step": 2, "lo')  # a run still writing
     assert read_metrics(bad) == [{"step": 1, "loss": 2.0, "tokens": 10}]
+
+
+def test_share_sweep_figure_draws_the_sweep_as_a_line_and_placements_as_markers(tmp_path):
+    depth = 8
+    points = [
+        {"standard_layers": k, "label": f"share-{k}", "ppl_ratio": 6.0 / (k + 1), "recall": 10.0 * k, "spread": True}
+        for k in range(depth + 1)
+    ]
+    points += [
+        {"standard_layers": 4, "label": name, "ppl_ratio": 1.2, "recall": 60.0, "spread": False}
+        for name in ("top", "bottom", "middle", "odd")
+    ]
+    points.append({"standard_layers": 1, "label": "first", "ppl_ratio": None, "recall": 30.0, "spread": False})
+    fig = share_sweep_figure(points, depth, "mlp", close_ratio=1.1)
+    ppl_ax, recall_ax = fig.axes
+    sweep_line = ppl_ax.lines[0]
+    assert list(sweep_line.get_xdata()) == list(range(depth + 1))
+    assert sweep_line.get_ydata()[0] == 6.0 and recall_ax.lines[0].get_ydata()[-1] == 80.0
+    assert ppl_ax.get_yscale() == "log" and fig.get_suptitle() == "How many standard layers, and where, rescue mlp"
+    # "first" has no perplexity: a marker on the recall panel only
+    assert len(ppl_ax.lines) == 1 + 4 + 2  # the sweep, four placements, the ×1 and ×1.1 guides
+    assert len(recall_ax.lines) == 1 + 5
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend[0] == "evenly spread (share sweep)" and "close: ×1.1" in legend and legend[-1] == "first"
+    assert len(legend) == len(set(legend)) == 1 + 5 + 1
+    assert overlapping_text(fig) == []
+    assert [path.suffix for path in share_sweep(points, depth, "mlp", tmp_path)] == [".png", ".svg"]
+    with pytest.raises(ValueError, match="at least one placement point"):
+        share_sweep_figure([], depth, "mlp")

@@ -25,6 +25,9 @@ from attnlab.report import (
     claim_skip_collapses,
     collect_rows,
     columns_at_chance,
+    minimum_rescue,
+    placement_points,
+    placement_section,
 )
 from attnlab.runconfig import resolve_run_config
 from attnlab.study import (
@@ -145,12 +148,15 @@ def test_placements_preset_has_the_nine_placements_and_the_share_sweep():
     assert kinds[:2] == ["standard", "uniform"]
     assert set(kinds) >= {name for name in PLACEMENTS if name != "hybrid"}
     depth = corpus[0].model["num_hidden_layers"]
-    shares = [run for run in corpus if run.kind.startswith("share-")]
-    assert len(shares) == depth - 1
-    for run in shares:
-        count = int(run.kind.split("-")[1].split("of")[0])
-        layers = resolve_layer_pattern(run.layers, depth)
-        assert layers.count("standard") == count and layers.count("nonapprox") == depth - count
+    trained = [tuple(resolve_layer_pattern(run.layers, depth)) for run in corpus]
+    assert len(set(trained)) == len(trained), "no layer list is trained twice"
+    for count in range(1, depth):  # every share of the sweep is trained once, as a placement or on its own
+        spread = tuple(share_pattern("nonapprox", count, depth).split(","))
+        assert trained.count(spread) == 1
+    for run in corpus:
+        if run.kind.startswith("share-"):
+            count = int(run.kind.split("-")[1].split("of")[0])
+            assert resolve_layer_pattern(run.layers, depth) == list(share_pattern("nonapprox", count, depth).split(","))
 
 
 @pytest.mark.parametrize("depth", [4, 8, 24])
@@ -334,6 +340,51 @@ def test_hybrid_and_skip_claims_follow_the_numbers():
     assert claim_skip_collapses([standard, hybrid, guessing]).verdict == AGREES
     stuck = row("standard", "standard", 100.0, 26.0, chance=14.3, floor=25.0)
     assert claim_hybrids_match([stuck, hybrid]).verdict == CANNOT_TELL
+
+
+def placement_rows(ratios: dict[int, float], placements: dict[str, float]) -> list[Row]:
+    """Rows of an 8-layer mlp placement study: standard (ppl 100, MQAR 95), the share sweep at the given
+    ppl ratios (0 = uniform) and named placements; MQAR follows the ppl (recalls only when close)."""
+    depth = 8
+
+    def at(group: str, layers: str, ratio: float) -> Row:
+        result = row(group, "mlp", 100.0 * ratio, 95.0 if ratio <= 1.1 else 20.0)
+        result.layers = layers
+        return result
+
+    rows = [at("standard", "uniform:standard", 1.0)]
+    rows += [
+        at(
+            "uniform" if k == 0 else f"share-{k}of{depth}",
+            "uniform:mlp" if k == 0 else share_pattern("mlp", k, depth),
+            r,
+        )
+        for k, r in ratios.items()
+    ]
+    rows += [at(name, f"{name}:mlp", r) for name, r in placements.items()]
+    return rows
+
+
+def test_placement_section_finds_the_smallest_rescuing_share(tmp_path):
+    sweep = {0: 6.0, 1: 3.0, 2: 1.05, 3: 1.3, 4: 1.02, 5: 1.01, 6: 1.0, 7: 1.0}  # 2 rescues, 3 does not
+    rows = placement_rows(sweep, {"first": 1.08, "top": 2.0})
+    points = placement_points(rows, "mlp", 8)
+    assert [p.standard_layers for p in points] == sorted(p.standard_layers for p in points)
+    by_label = {p.row.label: p for p in points}
+    assert by_label["standard"].spread and by_label["mlp"].spread and not by_label["first"].spread
+    assert by_label["top"].layer_map() == "SSSSxxxx" and by_label["share-3of8"].layer_map().count("S") == 3
+    assert by_label["share-2of8"].rescued and not by_label["share-3of8"].rescued
+    sentence = minimum_rescue(points, "mlp", 8)
+    assert "is 4 of 8" in sentence and "ppl ×1.02" in sentence  # 2 rescues, but 3 does not: not yet a minimum
+    assert "fewer also rescue it: first (1 of 8, Sxxxxxxx)" in sentence and "top" not in sentence
+    assert "No share" in minimum_rescue(placement_points(placement_rows({**sweep, 7: 1.5}, {}), "mlp", 8), "mlp", 8)
+    partial = placement_rows({k: r for k, r in sweep.items() if k != 5}, {})
+    assert "Cannot tell" in minimum_rescue(placement_points(partial, "mlp", 8), "mlp", 8)
+
+    lines = placement_section(rows, "mlp", 8, tmp_path)
+    table = [line for line in lines if line.startswith("| 1 |")]
+    assert len(table) == 2 and any("`Sxxxxxxx` | first |  | 1.08 | 95.0 ± 1.0 | yes |" in line for line in table)
+    assert (tmp_path / "figures" / "share_sweep.png").is_file()
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

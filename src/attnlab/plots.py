@@ -1,10 +1,12 @@
 """The analysis figures (issue 5): radar plots of the attention indicators (paper Fig. 1/7/8), per-layer
-pre-softmax activation distributions (Fig. 2/6), training-loss curves (Fig. 5), mean attention maps.
+pre-softmax activation distributions (Fig. 2/6), training-loss curves (Fig. 5), mean attention maps; and the
+placement study's share sweep (issue 7: perplexity and recall against the number of standard layers).
 
     radar_plots(indicators, "analysis")            # indicators: the dict of analysis.analyze_models
     activation_boxplots(indicators, "analysis")
     loss_curves(["runs/a/metrics.jsonl", "runs/b/metrics.jsonl"], "analysis")
     attention_heatmaps(mean_maps, mixer_types, "runs/a", "analysis")
+    share_sweep(points, depth, "mlp", "figures")     # points: report.placement_section's
 
 Each function writes `<name>.png` and `<name>.svg` into a folder and returns the two paths. Figures are
 `matplotlib.figure.Figure` objects (PNG through the Agg renderer): no pyplot, no global backend state, no
@@ -26,7 +28,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import EngFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
 
 PANEL_INCHES = 2.9  # width and height of one per-layer panel
 MIN_FIGURE_WIDTH = 7.0
@@ -434,6 +436,65 @@ def heatmap_figure(
     return fig
 
 
+PLACEMENT_MARKERS = ("s", "^", "v", "D", "P", "X", "*", "h", "<", ">")
+
+
+def share_sweep(
+    points: Sequence[dict],
+    depth: int,
+    mixer: str,
+    out_dir: str | Path,
+    name: str = "share_sweep",
+    close_ratio: float | None = None,
+) -> list[Path]:
+    """Write `share_sweep_figure(...)` as `<name>.png` and `<name>.svg`."""
+    return _save(share_sweep_figure(points, depth, mixer, close_ratio), out_dir, name)
+
+
+def share_sweep_figure(points: Sequence[dict], depth: int, mixer: str, close_ratio: float | None = None) -> Figure:
+    """Held-out perplexity (relative to standard, log scale) and recall accuracy against the number of
+    standard layers, 0 (uniform `mixer`) to `depth` (all standard). Each point is a dict with
+    `standard_layers`, `label`, `ppl_ratio` and `recall` (either may be None) and `spread` (True for the
+    share sweep's evenly spread layers, joined by a line; the other placements are single markers).
+    `close_ratio` draws the "close to standard" perplexity threshold."""
+    if not points:
+        raise ValueError("give at least one placement point to plot the share sweep")
+    fig = Figure(figsize=(MIN_FIGURE_WIDTH + 4, 4.4), layout="constrained")
+    ppl_ax, recall_ax = fig.subplots(1, 2)
+    spread = sorted((p for p in points if p["spread"]), key=lambda p: p["standard_layers"])
+    others = [p for p in points if not p["spread"]]
+    for ax, key in ((ppl_ax, "ppl_ratio"), (recall_ax, "recall")):
+        line = [(p["standard_layers"], p[key]) for p in spread if p[key] is not None]
+        if line:
+            ax.plot(*zip(*line), "o-", color="black", linewidth=1.6, label="evenly spread (share sweep)")
+        for index, point in enumerate(others):
+            if point[key] is not None:
+                marker = PLACEMENT_MARKERS[index % len(PLACEMENT_MARKERS)]
+                ax.plot(point["standard_layers"], point[key], marker, markersize=8, alpha=0.8, label=point["label"])
+        ax.set_xticks(range(depth + 1))
+        ax.set_xlim(-0.5, depth + 0.5)
+        ax.set_xlabel(f"standard layers of {depth} (the rest {mixer})")
+        ax.grid(alpha=0.3)
+    ppl_ax.set_yscale("log")
+    ratio_format = FuncFormatter(lambda value, _: f"×{value:g}")
+    ratios = [p["ppl_ratio"] for p in points if p["ppl_ratio"] is not None] + [1.0]
+    ppl_ax.yaxis.set_major_formatter(ratio_format)  # within a decade the minor ticks are the only labelled ones
+    ppl_ax.yaxis.set_minor_formatter(ratio_format if max(ratios) / min(ratios) < 10 else NullFormatter())
+    ppl_ax.axhline(1.0, color="grey", linewidth=1)
+    if close_ratio is not None:
+        ppl_ax.axhline(close_ratio, color="grey", linestyle="--", linewidth=1, label=f"close: ×{close_ratio:g}")
+    ppl_ax.set_ylabel("held-out word ppl ÷ standard's")
+    recall_ax.set_ylabel("MQAR accuracy (%)")
+    recall_ax.set_ylim(0, 102)
+    entries: dict[str, object] = {}  # label → handle, from both panels (a point may lack one of the measures)
+    for ax in (ppl_ax, recall_ax):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), fontsize=8, loc="outside right upper")
+    fig.suptitle(f"How many standard layers, and where, rescue {mixer}", fontsize=12)
+    return fig
+
+
 __all__ = [
     "activation_boxplots",
     "activation_figure",
@@ -444,4 +505,6 @@ __all__ = [
     "radar_figure",
     "radar_plots",
     "read_metrics",
+    "share_sweep",
+    "share_sweep_figure",
 ]

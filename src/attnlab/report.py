@@ -283,6 +283,18 @@ def _ppl_ratio(row: Row | None, reference: Row | None) -> float | None:
     return row.heldout_ppl.value / reference.heldout_ppl.value
 
 
+def close_to_standard(row: Row, standard: Row) -> tuple[float | None, bool | None]:
+    """(ppl ratio row/standard, whether the row is close to standard): held-out ppl within ×CLOSE_PPL_RATIO
+    and MQAR within max(CLOSE_ACC_POINTS, 2 combined σ), judged on what is known; None when neither is."""
+    ratio = _ppl_ratio(row, standard)
+    recall_close = None
+    if row.recall.value is not None and standard.recall.value is not None:
+        recall_close = _close(row.recall, standard.recall, CLOSE_ACC_POINTS)
+    if ratio is None and recall_close is None:
+        return None, None
+    return ratio, (ratio is None or ratio <= CLOSE_PPL_RATIO) and recall_close is not False
+
+
 def _versus(row: Row, ratio: float | None, reference: str = "", digits: int = 2) -> str:
     """ "mixer: ppl ×ratio[ of reference], MQAR acc": one model's part of a claim's evidence."""
     part = f"{row.mixer}: ppl ×{ratio:.{digits}f}{reference}" if ratio is not None else f"{row.mixer}: ppl –"
@@ -331,14 +343,10 @@ def claim_hybrids_match(rows: list[Row]) -> Claim:
         )
     parts, outliers, unknown = [], [], []
     for row in hybrids:
-        ratio = _ppl_ratio(row, standard)
-        recall_ok = None
-        if row.recall.value is not None and standard.recall.value is not None:
-            recall_ok = _close(row.recall, standard.recall, CLOSE_ACC_POINTS)
-        if ratio is None and recall_ok is None:
+        ratio, close = close_to_standard(row, standard)
+        if close is None:
             unknown.append(row.mixer)
             continue
-        close = (ratio is None or ratio <= CLOSE_PPL_RATIO) and recall_ok is not False
         parts.append(_versus(row, ratio))
         if not close:
             outliers.append(row.mixer)
@@ -468,6 +476,119 @@ def activation_claim(analyses: dict[str, dict]) -> Claim:
     return Claim(statement, source, AGREES if hybrid < 10 else DISAGREES, evidence)
 
 
+# --- where and how many standard layers (placement studies) ---------------------------------------
+
+
+@dataclass
+class PlacementPoint:
+    """One trained layer list of a placement study, judged against the all-standard model."""
+
+    row: Row
+    layers: tuple[str, ...]  # one mixer per layer, first layer first
+    spread: bool  # the share sweep's evenly spread standard layers (uniform and standard included)
+    ppl_ratio: float | None
+    rescued: bool | None  # close to standard (`close_to_standard`); None when nothing is known
+
+    @property
+    def standard_layers(self) -> int:
+        return self.layers.count("standard")
+
+    def layer_map(self) -> str:
+        return "".join("S" if name == "standard" else "x" for name in self.layers)
+
+
+def placement_points(rows: list[Row], mixer: str, depth: int) -> list[PlacementPoint]:
+    """Every trained row of a placement study (`attnlab.study`'s placements preset), in order of the number of
+    standard layers; the all-standard row is the reference the others are judged against."""
+    from .config import resolve_layer_pattern
+    from .study import share_pattern
+
+    standard = _find(rows, "standard")
+    if standard is None:
+        return []
+    spread = {tuple(share_pattern(mixer, count, depth).split(",")) for count in range(1, depth + 1)}
+    spread.add((mixer,) * depth)
+    points = []
+    for row in rows:
+        if row.group == "skip" or not row.layers:
+            continue
+        layers = tuple(resolve_layer_pattern(row.layers, depth))
+        ratio, rescued = close_to_standard(row, standard)
+        points.append(PlacementPoint(row, layers, layers in spread, ratio, rescued))
+    return sorted(points, key=lambda point: point.standard_layers)
+
+
+def minimum_rescue(points: list[PlacementPoint], mixer: str, depth: int) -> str:
+    """A sentence naming the smallest evenly spread share of standard layers from which every larger share is
+    rescued (spec §9's open question), and the placements that rescue the mixer with fewer."""
+    sweep = [point for point in points if point.spread]
+    counts = [point.standard_layers for point in sweep]
+    missing = [count for count in range(depth + 1) if count not in counts]
+    if missing or any(point.rescued is None for point in sweep):
+        unknown = missing + [point.standard_layers for point in sweep if point.rescued is None]
+        return f"Cannot tell the minimum share: no numbers for {', '.join(map(str, sorted(unknown)))} standard layers."
+    smallest = depth
+    for point in sorted(sweep, key=lambda point: -point.standard_layers):
+        if not point.rescued:
+            break
+        smallest = point.standard_layers
+    best = next(point for point in sweep if point.standard_layers == smallest)
+    if smallest == depth:
+        sentence = f"No share of standard layers below {depth} of {depth} rescues {mixer}"
+    else:
+        sentence = (
+            f"The smallest evenly spread share of standard layers that rescues {mixer} is {smallest} of {depth} "
+            f"({_versus(best.row, best.ppl_ratio)}), and every larger share is rescued too"
+        )
+    fewer = [p for p in points if not p.spread and p.rescued and p.standard_layers < smallest]
+    if fewer:
+        sentence += "; placed differently, fewer also rescue it: " + ", ".join(
+            f"{p.row.label} ({p.standard_layers} of {depth}, {p.layer_map()})" for p in fewer
+        )
+    return sentence + "."
+
+
+def placement_section(rows: list[Row], mixer: str, depth: int, out: Path) -> list[str]:
+    """The report's lines on placements and the share sweep, and its figure `figures/share_sweep.png`."""
+    from .plots import share_sweep
+
+    points = placement_points(rows, mixer, depth)
+    if not points:
+        return []
+    lines = [
+        "## Where and how many standard layers",
+        "",
+        (
+            f"Every trained layer list, by its number of standard layers: S = standard, x = {mixer}, first layer on "
+            f"the left. Rescued = close to standard: held-out ppl within ×{CLOSE_PPL_RATIO:.2f} and MQAR within "
+            f"max({CLOSE_ACC_POINTS:.0f}, 2σ) points. Spread = the share sweep's evenly spread layers."
+        ),
+        "",
+        "| standard layers | layers | model | spread | ppl × standard | MQAR acc | rescued |",
+        "|---:|---|---|---|---:|---:|---|",
+    ]
+    for point in points:
+        ratio = "–" if point.ppl_ratio is None else f"{point.ppl_ratio:.2f}"
+        rescued = "–" if point.rescued is None else "yes" if point.rescued else "no"
+        lines.append(
+            f"| {point.standard_layers} | `{point.layer_map()}` | {point.row.label} | {'yes' if point.spread else ''} "
+            f"| {ratio} | {_cell(point.row.recall)} | {rescued} |"
+        )
+    lines += ["", minimum_rescue(points, mixer, depth), ""]
+    figure_points = [
+        {
+            "standard_layers": point.standard_layers,
+            "label": point.row.label,
+            "ppl_ratio": point.ppl_ratio,
+            "recall": point.row.recall.value,
+            "spread": point.spread,
+        }
+        for point in points
+    ]
+    share_sweep(figure_points, depth, mixer, out / "figures", close_ratio=CLOSE_PPL_RATIO)
+    return lines
+
+
 # --- the report ------------------------------------------------------------------------------------
 
 
@@ -530,6 +651,9 @@ def write_report(out: str | Path, study) -> Path:
         ]
     if failed:
         lines += ["Incomplete rows: " + "; ".join(failed), ""]
+    if study.name.startswith("placements:"):
+        depth = next(run.model["num_hidden_layers"] for run in study.runs if "num_hidden_layers" in run.model)
+        lines += placement_section(rows, study.name.split(":", 1)[1], depth, out)
     lines += ["## The paper's claims, checked on this run", ""]
     for claim in claims:
         lines += [f"- **{claim.verdict}** — {claim.statement} ({claim.source}). {claim.evidence}."]

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import MIXER_NAMES, PLACEMENTS
+from .config import MIXER_NAMES, PLACEMENTS, resolve_layer_pattern
 from .runconfig import write_text_atomic
 
 VARIANTS = tuple(name for name in MIXER_NAMES if name != "standard")
@@ -274,15 +274,22 @@ def _recall_examples(eval_limit: float) -> int:
 def _placement_study(
     preset: str, corpus_train: dict, recall_train: dict, eval_args: list[str], recall_args: list[str]
 ) -> Study:
-    """Spec §7's nine placements of one mixer plus the share sweep (0..n standard layers), both data kinds."""
+    """Spec §7's nine placements of one mixer plus the share sweep (0..n standard layers), both data kinds.
+
+    A share whose evenly spread layers coincide with a placement (at 8 layers: 1 = last, 2 = quarter,
+    4 = even) is not trained twice: the report finds it among the placements by its layer list.
+    """
     mixer = preset.split(":", 1)[1]
     if mixer not in VARIANTS:
         raise ValueError(f"placements:<mixer> needs one of {', '.join(VARIANTS)}, got {mixer!r}")
     depth = PLACEMENT_LAYERS
     patterns = {"standard": "uniform:standard", "uniform": f"uniform:{mixer}"}
     patterns.update({name: f"{name}:{mixer}" for name in PLACEMENTS if name != "hybrid"})
+    trained = {tuple(resolve_layer_pattern(layers, depth)) for layers in patterns.values()}
     for share in range(1, depth):
-        patterns[f"share-{share}of{depth}"] = share_pattern(mixer, share, depth)
+        layers = share_pattern(mixer, share, depth)
+        if tuple(layers.split(",")) not in trained:
+            patterns[f"share-{share}of{depth}"] = layers
     runs = []
     for data, train, model in (
         ("corpus", corpus_train, {**QUICK_CORPUS_MODEL, "num_hidden_layers": depth}),
