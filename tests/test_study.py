@@ -207,9 +207,12 @@ def test_a_miniature_study_runs_every_stage_and_writes_the_report(finished):
     assert set(rows) == {("standard", "standard"), ("hybrid", "mlp"), ("skip", "mlp")}
     results = json.loads((run_folder(finished, study.runs[0]) / "study" / "results.json").read_text())
     assert rows["standard", "standard"].cloze.value == pytest.approx(100 * results["results"]["cloze"]["acc,none"])
+    target_ppl = results["results"]["lastword"]["perplexity,none"]
+    assert rows["standard", "standard"].lastword_ppl.value == pytest.approx(target_ppl)
     assert rows["hybrid", "mlp"].recall.value == pytest.approx(100 * recall["accuracy"])
     report = (finished / "report.md").read_text()
     assert "| standard | standard |" in report and "| skip | mlp |" in report
+    assert "| lastword acc | lastword ppl | cloze acc |" in report
     assert "## The paper's claims, checked on this run" in report
     assert "(analysis/uniform/radar.png)" in report
     csv_lines = (finished / "report.csv").read_text().splitlines()

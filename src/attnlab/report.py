@@ -16,8 +16,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import resolve_layer_pattern
 from .runconfig import write_text_atomic
-from .study import STUDY_FILES, run_folder
+from .study import STUDY_FILES, run_folder, share_pattern
 
 AGREES, DISAGREES, CANNOT_TELL = "agrees", "disagrees", "cannot tell"
 NEAR_CHANCE_POINTS = 5.0  # an accuracy within max(this, 2 stderr) points of chance is "at chance"
@@ -44,6 +45,7 @@ class Row:
     layers: str = ""
     heldout_ppl: Measure = field(default_factory=Measure)
     lastword: Measure = field(default_factory=Measure)  # accuracy, percent
+    lastword_ppl: Measure = field(default_factory=Measure)  # perplexity of the target word (LAMBADA's other number)
     cloze: Measure = field(default_factory=Measure)  # accuracy, percent
     recall: Measure = field(default_factory=Measure)  # accuracy at query positions, percent
     recall_chance: float | None = None  # percent: uniform guessing over the answer tokens
@@ -81,6 +83,7 @@ def _fill_corpus(row: Row, folder: Path, results_file: str) -> None:
         return
     row.heldout_ppl = _harness_measure(record, "heldout", "word_perplexity", percent=False)
     row.lastword = _harness_measure(record, "lastword", "acc", percent=True)
+    row.lastword_ppl = _harness_measure(record, "lastword", "perplexity", percent=False)
     row.cloze = _harness_measure(record, "cloze", "acc", percent=True)
     row.parameters = record.get("attnlab", {}).get("parameters")
 
@@ -138,8 +141,11 @@ def collect_rows(out: Path, study) -> list[Row]:
 def _cell(measure: Measure, digits: int = 1) -> str:
     if measure.value is None or not math.isfinite(measure.value):
         return "–" if measure.value is None else str(measure.value)
-    text = f"{measure.value:.{digits}f}" if measure.value < 1e5 else f"{measure.value:.1E}"
-    return text + (f" ± {measure.stderr:.{digits}f}" if measure.stderr is not None else "")
+
+    def number(value: float) -> str:
+        return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.1E}"
+
+    return number(measure.value) + (f" ± {number(measure.stderr)}" if measure.stderr is not None else "")
 
 
 def _seconds(value: float | None) -> str:
@@ -152,6 +158,7 @@ def table_cells(row: Row) -> list[str]:
         row.label,
         _cell(row.heldout_ppl),
         _cell(row.lastword),
+        _cell(row.lastword_ppl, digits=0),
         _cell(row.cloze),
         _cell(row.recall),
         "–" if row.parameters is None else f"{row.parameters / 1e6:.2f}M",
@@ -165,6 +172,7 @@ HEADER = [
     "model",
     "held-out word ppl",
     "lastword acc",
+    "lastword ppl",
     "cloze acc",
     "MQAR acc",
     "params (corpus)",
@@ -179,10 +187,10 @@ def markdown_table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|---|---|" + "---:|" * (len(HEADER) - 2)]
     chance_recall = "–" if chance is None else f"{chance:.1f}"
     lines.append(
-        f"| reference | random guess | – | {LASTWORD_CHANCE:.1f} | {CLOZE_CHANCE:.1f} | {chance_recall} | – | – | – |"
+        f"| reference | random guess | – | {LASTWORD_CHANCE:.1f} | – | {CLOZE_CHANCE:.1f} | {chance_recall} | – | – | – |"
     )
     if floor is not None and floor != chance:
-        lines.append(f"| reference | guess among the context's values | – | – | – | {floor:.1f} | – | – | – |")
+        lines.append(f"| reference | guess among the context's values | – | – | – | – | {floor:.1f} | – | – | – |")
     for row in rows:
         lines.append("| " + " | ".join(table_cells(row)) + " |")
     return "\n".join(lines) + "\n"
@@ -199,6 +207,7 @@ def csv_rows(rows: list[Row]) -> str:
             "heldout_word_ppl",
             "lastword_acc",
             "lastword_acc_stderr",
+            "lastword_ppl",
             "cloze_acc",
             "cloze_acc_stderr",
             "mqar_acc",
@@ -215,6 +224,7 @@ def csv_rows(rows: list[Row]) -> str:
             row.heldout_ppl.value,
             row.lastword.value,
             row.lastword.stderr,
+            row.lastword_ppl.value,
             row.cloze.value,
             row.cloze.stderr,
             row.recall.value,
@@ -311,7 +321,8 @@ def claim_mlp_collapses(rows: list[Row]) -> Claim:
     ratio = _ppl_ratio(mlp, standard)
     evidence = (
         f"MQAR accuracy: standard {_cell(standard.recall)}, uniform mlp {_cell(mlp.recall)} (chance {chance:.1f}); "
-        f"lastword: standard {_cell(standard.lastword)}, mlp {_cell(mlp.lastword)}"
+        f"lastword acc: standard {_cell(standard.lastword)}, mlp {_cell(mlp.lastword)}; lastword ppl: standard "
+        f"{_cell(Measure(standard.lastword_ppl.value), 0)}, mlp {_cell(Measure(mlp.lastword_ppl.value), 0)}"
         + (f"; held-out ppl ratio mlp/standard {ratio:.2f}" if ratio else "")
     )
     if _untrained(standard):
@@ -500,9 +511,6 @@ class PlacementPoint:
 def placement_points(rows: list[Row], mixer: str, depth: int) -> list[PlacementPoint]:
     """Every trained row of a placement study (`attnlab.study`'s placements preset), in order of the number of
     standard layers; the all-standard row is the reference the others are judged against."""
-    from .config import resolve_layer_pattern
-    from .study import share_pattern
-
     standard = _find(rows, "standard")
     if standard is None:
         return []
