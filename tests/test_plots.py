@@ -226,3 +226,10 @@ def test_share_sweep_figure_draws_the_sweep_as_a_line_and_placements_as_markers(
     assert [path.suffix for path in share_sweep(points, depth, "mlp", tmp_path)] == [".png", ".svg"]
     with pytest.raises(ValueError, match="at least one placement point"):
         share_sweep_figure([], depth, "mlp")
+
+
+def test_model_colours_stay_distinct_for_a_placement_studys_fifteen_models():
+    from attnlab.plots import _model_colours
+
+    assert len(set(_model_colours(15))) == 15
+    assert len(set(_model_colours(4))) == 4 and len(_model_colours(25)) == 25

@@ -23,6 +23,7 @@ from attnlab.report import (
     claim_hybrids_match,
     claim_mlp_collapses,
     claim_skip_collapses,
+    close_ppl_limit,
     collect_rows,
     columns_at_chance,
     minimum_rescue,
@@ -143,7 +144,12 @@ def test_train_commands_parse_back_to_the_runs_settings(tmp_path):
 
 def test_placements_preset_has_the_nine_placements_and_the_share_sweep():
     study = build_study("placements:nonapprox")
-    corpus = [run for run in study.runs if run.data == "corpus"]
+    replicates = [run for run in study.runs if run.replicate]
+    assert [run.name for run in replicates] == ["corpus-standard-seed1", "corpus-standard-seed2"]
+    assert all(run.layers == "uniform:standard" and run.kind == "standard" for run in replicates)
+    assert [run.train["seed"] for run in replicates] == [1, 2]
+    assert not set(study.analyses[0].runs) & {run.name for run in replicates}
+    corpus = [run for run in study.runs if run.data == "corpus" and not run.replicate]
     kinds = [run.kind for run in corpus]
     assert kinds[:2] == ["standard", "uniform"]
     assert set(kinds) >= {name for name in PLACEMENTS if name != "hybrid"}
@@ -341,17 +347,23 @@ def test_hybrid_and_skip_claims_follow_the_numbers():
     # 25 % MQAR with 4 pairs is guessing among the context's values: no recall left, though above 14 % chance.
     guessing = row("skip", "mlp", 150.0, 25.0, chance=14.3, floor=25.0)
     assert claim_skip_collapses([standard, hybrid, guessing]).verdict == AGREES
+    seed = row("standard", "standard", 140.0, 95.0)  # standard again with another seed: ppl 1.4× the first's
+    seed.seed = 1
+    widened = claim_hybrids_match([*far, seed])
+    assert widened.verdict == DISAGREES and "ppl ratio ≤ 1.40 (the spread of standard's 2 seeds)" in widened.evidence
+    assert claim_hybrids_match([*far[:2], row("hybrid", "nonapprox", 130.0, 96.0), seed]).verdict == AGREES
+    assert claim_hybrids_match([seed, *close[1:]]).verdict == CANNOT_TELL  # a replicate is no reference
     stuck = row("standard", "standard", 100.0, 26.0, chance=14.3, floor=25.0)
     assert claim_hybrids_match([stuck, hybrid]).verdict == CANNOT_TELL
 
 
 def placement_rows(ratios: dict[int, float], placements: dict[str, float]) -> list[Row]:
     """Rows of an 8-layer mlp placement study: standard (ppl 100, MQAR 95), the share sweep at the given
-    ppl ratios (0 = uniform) and named placements; MQAR follows the ppl (recalls only when close)."""
+    ppl ratios (0 = uniform) and named placements; MQAR follows the ppl (recalls up to ×1.5)."""
     depth = 8
 
     def at(group: str, layers: str, ratio: float) -> Row:
-        result = row(group, "mlp", 100.0 * ratio, 95.0 if ratio <= 1.1 else 20.0)
+        result = row(group, "mlp", 100.0 * ratio, 95.0 if ratio <= 1.5 else 20.0)
         result.layers = layers
         return result
 
@@ -368,6 +380,37 @@ def placement_rows(ratios: dict[int, float], placements: dict[str, float]) -> li
     return rows
 
 
+def test_replicate_runs_get_rows_of_their_own_and_widen_close(tmp_path):
+    base = Run("corpus-standard", "corpus", "standard", "standard", "uniform:standard", "cpu-tiny", TINY_MODEL, {})
+    seeds = [
+        Run(
+            f"corpus-standard-seed{seed}",
+            "corpus",
+            "standard",
+            "standard",
+            "uniform:standard",
+            "cpu-tiny",
+            TINY_MODEL,
+            {"seed": seed},
+            replicate=True,
+        )
+        for seed in (1, 2)
+    ]
+    study = Study("replicates", [base, *seeds])
+    for run, ppl in zip(study.runs, (100.0, 125.0, 90.0)):
+        results = run_folder(tmp_path, run) / "study" / "results.json"
+        results.parent.mkdir(parents=True)
+        results.write_text(json.dumps({"results": {"heldout": {"word_perplexity,none": ppl}}}))
+    rows = collect_rows(tmp_path, study)
+    assert [(row.label, row.heldout_ppl.value) for row in rows] == [
+        ("standard", 100.0),
+        ("standard (seed 1)", 125.0),
+        ("standard (seed 2)", 90.0),
+    ]
+    assert close_ppl_limit(rows) == pytest.approx(125.0 / 90.0)
+    assert Study.from_dict(json.loads(json.dumps(study.to_dict()))) == study
+
+
 def test_placement_section_finds_the_smallest_rescuing_share(tmp_path):
     sweep = {0: 6.0, 1: 3.0, 2: 1.05, 3: 1.3, 4: 1.02, 5: 1.01, 6: 1.0, 7: 1.0}  # 2 rescues, 3 does not
     rows = placement_rows(sweep, {"first": 1.08, "top": 2.0})
@@ -378,8 +421,17 @@ def test_placement_section_finds_the_smallest_rescuing_share(tmp_path):
     assert by_label["top"].layer_map() == "SSSSxxxx" and by_label["share-3of8"].layer_map().count("S") == 3
     assert by_label["share-2of8"].rescued and not by_label["share-3of8"].rescued
     sentence = minimum_rescue(points, "mlp", 8)
-    assert "is 4 of 8" in sentence and "ppl ×1.02" in sentence  # 2 rescues, but 3 does not: not yet a minimum
+    assert (
+        "is 4 of 8 (share-4of8, xSxSxSxS: ppl ×1.02 of standard's, MQAR 95.0 ± 1.0)" in sentence
+    )  # 2 rescues, but 3 does not: not yet a minimum
     assert "fewer also rescue it: first (1 of 8, Sxxxxxxx)" in sentence and "top" not in sentence
+    # A second standard seed 1.35× off the first widens "close" to ×1.35: share 3 (×1.3) is rescued now
+    replicate = row("standard", "standard", 135.0, 95.0)
+    replicate.seed, replicate.layers = 1, "uniform:standard"
+    assert close_ppl_limit(rows) == 1.10 and close_ppl_limit([*rows, replicate]) == pytest.approx(1.35)
+    widened = placement_points([*rows, replicate], "mlp", 8)
+    assert len(widened) == len(points)  # the replicate is the reference's spread, not a point of its own
+    assert "is 2 of 8" in minimum_rescue(widened, "mlp", 8)
     assert "No share" in minimum_rescue(placement_points(placement_rows({**sweep, 7: 1.5}, {}), "mlp", 8), "mlp", 8)
     partial = placement_rows({k: r for k, r in sweep.items() if k != 5}, {})
     assert "Cannot tell" in minimum_rescue(placement_points(partial, "mlp", 8), "mlp", 8)

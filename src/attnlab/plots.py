@@ -70,8 +70,10 @@ def _grid(panels: int) -> tuple[int, int]:
 
 
 def _model_colours(count: int) -> list:
-    palette = colormaps["tab10"]
-    return [palette(index % 10) for index in range(count)]
+    """Distinct colours: tab10, or tab20 for more than ten models (a placement study has fifteen)."""
+    size = 10 if count <= 10 else 20
+    palette = colormaps[f"tab{size}"]
+    return [palette(index % size) for index in range(count)]
 
 
 def _layers_by_index(indicators: dict) -> tuple[list[str], dict[int, dict[str, dict]]]:
@@ -463,14 +465,20 @@ def share_sweep_figure(points: Sequence[dict], depth: int, mixer: str, close_rat
     ppl_ax, recall_ax = fig.subplots(1, 2)
     spread = sorted((p for p in points if p["spread"]), key=lambda p: p["standard_layers"])
     others = [p for p in points if not p["spread"]]
+    # placements with the same number of standard layers sit side by side around it, so none hides another
+    offsets = []
+    for index, point in enumerate(others):
+        same = [p for p in others if p["standard_layers"] == point["standard_layers"]]
+        offsets.append(0.15 * (same.index(point) - (len(same) - 1) / 2))
     for ax, key in ((ppl_ax, "ppl_ratio"), (recall_ax, "recall")):
         line = [(p["standard_layers"], p[key]) for p in spread if p[key] is not None]
         if line:
             ax.plot(*zip(*line), "o-", color="black", linewidth=1.6, label="evenly spread (share sweep)")
-        for index, point in enumerate(others):
+        for index, (point, offset) in enumerate(zip(others, offsets)):
             if point[key] is not None:
                 marker = PLACEMENT_MARKERS[index % len(PLACEMENT_MARKERS)]
-                ax.plot(point["standard_layers"], point[key], marker, markersize=8, alpha=0.8, label=point["label"])
+                x = point["standard_layers"] + offset
+                ax.plot(x, point[key], marker, markersize=8, alpha=0.8, label=point["label"])
         ax.set_xticks(range(depth + 1))
         ax.set_xlim(-0.5, depth + 0.5)
         ax.set_xlabel(f"standard layers of {depth} (the rest {mixer})")

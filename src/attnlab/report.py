@@ -43,6 +43,7 @@ class Row:
     group: str  # standard | uniform | hybrid | skip | a placement name
     mixer: str
     layers: str = ""
+    seed: int | None = None  # set on a replicate: its group's model trained again with this seed
     heldout_ppl: Measure = field(default_factory=Measure)
     lastword: Measure = field(default_factory=Measure)  # accuracy, percent
     lastword_ppl: Measure = field(default_factory=Measure)  # perplexity of the target word (LAMBADA's other number)
@@ -57,7 +58,8 @@ class Row:
 
     @property
     def label(self) -> str:
-        return self.mixer if self.group in ("uniform", "hybrid", "skip") else self.group
+        name = self.mixer if self.group in ("uniform", "hybrid", "skip") else self.group
+        return name if self.seed is None else f"{name} (seed {self.seed})"
 
 
 def _read_json(path: Path) -> dict | None:
@@ -112,7 +114,8 @@ def collect_rows(out: Path, study) -> list[Row]:
     rows: dict[tuple[str, str], Row] = {}
 
     def row_for(group: str, run) -> Row:
-        return rows.setdefault((group, run.mixer), Row(group, run.mixer, run.layers))
+        seed = run.train.get("seed") if getattr(run, "replicate", False) else None
+        return rows.setdefault((group, run.mixer, seed), Row(group, run.mixer, run.layers, seed))
 
     for run in study.runs:
         folder = run_folder(out, run)
@@ -252,7 +255,8 @@ class Claim:
 
 
 def _find(rows: list[Row], group: str, mixer: str | None = None) -> Row | None:
-    return next((r for r in rows if r.group == group and (mixer is None or r.mixer == mixer)), None)
+    """The first row of a group (and mixer), replicates aside."""
+    return next((r for r in rows if r.group == group and (mixer is None or r.mixer == mixer) and r.seed is None), None)
 
 
 def _at_chance(measure: Measure, chance: float) -> bool:
@@ -293,8 +297,22 @@ def _ppl_ratio(row: Row | None, reference: Row | None) -> float | None:
     return row.heldout_ppl.value / reference.heldout_ppl.value
 
 
-def close_to_standard(row: Row, standard: Row) -> tuple[float | None, bool | None]:
-    """(ppl ratio row/standard, whether the row is close to standard): held-out ppl within ×CLOSE_PPL_RATIO
+def close_ppl_limit(rows: list[Row]) -> float:
+    """The largest ppl ratio to standard that counts as close: CLOSE_PPL_RATIO, or, when the study trained
+    standard with several seeds, the spread of their held-out perplexities (max / min) if that is larger."""
+    values = [row.heldout_ppl.value for row in rows if row.group == "standard" and row.heldout_ppl.value]
+    return max(CLOSE_PPL_RATIO, max(values) / min(values)) if len(values) > 1 else CLOSE_PPL_RATIO
+
+
+def _closeness_rule(rows: list[Row]) -> str:
+    limit = close_ppl_limit(rows)
+    seeds = sum(1 for row in rows if row.group == "standard" and row.heldout_ppl.value)
+    spread = f" (the spread of standard's {seeds} seeds)" if limit > CLOSE_PPL_RATIO else ""
+    return f"ppl ratio ≤ {limit:.2f}{spread} and MQAR within max({CLOSE_ACC_POINTS:.0f}, 2σ) points"
+
+
+def close_to_standard(row: Row, standard: Row, ppl_limit: float = CLOSE_PPL_RATIO) -> tuple[float | None, bool | None]:
+    """(ppl ratio row/standard, whether the row is close to standard): held-out ppl within ×`ppl_limit`
     and MQAR within max(CLOSE_ACC_POINTS, 2 combined σ), judged on what is known; None when neither is."""
     ratio = _ppl_ratio(row, standard)
     recall_close = None
@@ -302,7 +320,7 @@ def close_to_standard(row: Row, standard: Row) -> tuple[float | None, bool | Non
         recall_close = _close(row.recall, standard.recall, CLOSE_ACC_POINTS)
     if ratio is None and recall_close is None:
         return None, None
-    return ratio, (ratio is None or ratio <= CLOSE_PPL_RATIO) and recall_close is not False
+    return ratio, (ratio is None or ratio <= ppl_limit) and recall_close is not False
 
 
 def _versus(row: Row, ratio: float | None, reference: str = "", digits: int = 2) -> str:
@@ -354,7 +372,7 @@ def claim_hybrids_match(rows: list[Row]) -> Claim:
         )
     parts, outliers, unknown = [], [], []
     for row in hybrids:
-        ratio, close = close_to_standard(row, standard)
+        ratio, close = close_to_standard(row, standard, close_ppl_limit(rows))
         if close is None:
             unknown.append(row.mixer)
             continue
@@ -364,7 +382,7 @@ def claim_hybrids_match(rows: list[Row]) -> Claim:
     evidence = (
         f"standard: ppl {_cell(standard.heldout_ppl)}, MQAR {_cell(standard.recall)}; "
         + "; ".join(parts)
-        + f" (close = ppl ratio ≤ {CLOSE_PPL_RATIO:.2f} and MQAR within max({CLOSE_ACC_POINTS:.0f}, 2σ) points)"
+        + f" (close = {_closeness_rule(rows)})"
     )
     if outliers:
         return Claim(statement, source, DISAGREES, evidence + f"; not close: {', '.join(outliers)}")
@@ -516,12 +534,12 @@ def placement_points(rows: list[Row], mixer: str, depth: int) -> list[PlacementP
         return []
     spread = {tuple(share_pattern(mixer, count, depth).split(",")) for count in range(1, depth + 1)}
     spread.add((mixer,) * depth)
-    points = []
+    points, limit = [], close_ppl_limit(rows)
     for row in rows:
-        if row.group == "skip" or not row.layers:
+        if row.group == "skip" or not row.layers or row.seed is not None:
             continue
         layers = tuple(resolve_layer_pattern(row.layers, depth))
-        ratio, rescued = close_to_standard(row, standard)
+        ratio, rescued = close_to_standard(row, standard, limit)
         points.append(PlacementPoint(row, layers, layers in spread, ratio, rescued))
     return sorted(points, key=lambda point: point.standard_layers)
 
@@ -546,7 +564,8 @@ def minimum_rescue(points: list[PlacementPoint], mixer: str, depth: int) -> str:
     else:
         sentence = (
             f"The smallest evenly spread share of standard layers that rescues {mixer} is {smallest} of {depth} "
-            f"({_versus(best.row, best.ppl_ratio)}), and every larger share is rescued too"
+            f"({best.row.label}, {best.layer_map()}: ppl ×{best.ppl_ratio or math.nan:.2f} of standard's, MQAR "
+            f"{_cell(best.row.recall)}), and every larger share is rescued too"
         )
     fewer = [p for p in points if not p.spread and p.rescued and p.standard_layers < smallest]
     if fewer:
@@ -568,8 +587,8 @@ def placement_section(rows: list[Row], mixer: str, depth: int, out: Path) -> lis
         "",
         (
             f"Every trained layer list, by its number of standard layers: S = standard, x = {mixer}, first layer on "
-            f"the left. Rescued = close to standard: held-out ppl within ×{CLOSE_PPL_RATIO:.2f} and MQAR within "
-            f"max({CLOSE_ACC_POINTS:.0f}, 2σ) points. Spread = the share sweep's evenly spread layers."
+            f"the left. Rescued = close to standard: {_closeness_rule(rows)}. Spread = the share sweep's evenly "
+            "spread layers."
         ),
         "",
         "| standard layers | layers | model | spread | ppl × standard | MQAR acc | rescued |",
@@ -593,7 +612,7 @@ def placement_section(rows: list[Row], mixer: str, depth: int, out: Path) -> lis
         }
         for point in points
     ]
-    share_sweep(figure_points, depth, mixer, out / "figures", close_ratio=CLOSE_PPL_RATIO)
+    share_sweep(figure_points, depth, mixer, out / "figures", close_ratio=close_ppl_limit(rows))
     return lines
 
 
