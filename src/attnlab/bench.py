@@ -23,9 +23,11 @@ timed in tests.
 The CPU training ratio to transformers depends on the allocator. attnlab's fused loss, RMSNorm and RoPE
 allocate few large temporaries; transformers' step allocates many (the [B·L, vocab] logits and their
 gradients), and with glibc's defaults every large allocation is fresh memory from the kernel, page-faulted
-in on first touch. Measured on 2 cores (cpu-tiny, B 16, L 128): default glibc, attnlab 326 ms and HF
-403 ms per step (×1.23); with MALLOC_MMAP_THRESHOLD_=1e9 MALLOC_TRIM_THRESHOLD_=1e11 MALLOC_TOP_PAD_=1e9,
-attnlab 317 ms and HF 319 ms (×1.01): what is left is the same matmuls at the same speed.
+in on first touch. Measured with `attnlab bench --preset cpu-tiny --mixers standard --against-hf --threads 2
+--sections train --repeats 10` on 2 cores, two runs each: with glibc's defaults attnlab was ×1.25 and
+×1.27 faster than Qwen2 (262 ms against 327 ms per step in the first run). With MALLOC_MMAP_THRESHOLD_=1e9
+MALLOC_TRIM_THRESHOLD_=1e11 MALLOC_TOP_PAD_=1e9 it was ×1.06 and ×1.09 (230 ms against 251 ms). What is
+left is the same matmuls at nearly the same speed.
 """
 
 from __future__ import annotations
