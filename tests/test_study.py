@@ -18,8 +18,10 @@ from attnlab.report import (
     AGREES,
     CANNOT_TELL,
     DISAGREES,
+    NOT_STUDIED,
     Measure,
     Row,
+    activation_claim,
     claim_hybrids_match,
     claim_mlp_collapses,
     claim_skip_collapses,
@@ -220,6 +222,9 @@ def test_a_miniature_study_runs_every_stage_and_writes_the_report(finished):
     assert "| standard | standard |" in report and "| skip | mlp |" in report
     assert "| lastword acc | lastword ppl | cloze acc |" in report
     assert "## The paper's claims, checked on this run" in report
+    not_checked = next(line for line in report.splitlines() if line.startswith("Not checked here"))
+    assert "uniform mlp collapses" in not_checked and "Skip collapses" not in not_checked  # mini has a skip row
+    assert "**not studied**" not in report
     assert "(analysis/uniform/radar.png)" in report
     csv_lines = (finished / "report.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 3
@@ -313,7 +318,8 @@ def test_mlp_claim_follows_the_numbers():
     assert claim_mlp_collapses([standard, row("uniform", "mlp", 300.0, 60.0)]).verdict == DISAGREES
     untrained = row("standard", "standard", 100.0, 3.0)
     assert claim_mlp_collapses([untrained, row("uniform", "mlp", 300.0, 2.0)]).verdict == CANNOT_TELL
-    assert claim_mlp_collapses([standard]).verdict == CANNOT_TELL
+    assert claim_mlp_collapses([standard]).verdict == NOT_STUDIED
+    assert claim_mlp_collapses([standard, row("uniform", "mlp", 300.0)]).verdict == CANNOT_TELL  # no recall run
     assert "95.0 ± 1.0" in claim_mlp_collapses([standard, row("uniform", "mlp", 300.0, 2.0)]).evidence
 
 
@@ -343,7 +349,8 @@ def test_hybrid_and_skip_claims_follow_the_numbers():
     hybrid = row("hybrid", "mlp", 105.0, 93.0)
     assert claim_skip_collapses([standard, hybrid, row("skip", "mlp", 5000.0, 1.0)]).verdict == AGREES
     assert claim_skip_collapses([standard, hybrid, row("skip", "mlp", 110.0, 90.0)]).verdict == DISAGREES
-    assert claim_skip_collapses([standard, hybrid]).verdict == CANNOT_TELL
+    assert claim_skip_collapses([standard, hybrid]).verdict == NOT_STUDIED
+    assert claim_hybrids_match([standard]).verdict == NOT_STUDIED
     # 25 % MQAR with 4 pairs is guessing among the context's values: no recall left, though above 14 % chance.
     guessing = row("skip", "mlp", 150.0, 25.0, chance=14.3, floor=25.0)
     assert claim_skip_collapses([standard, hybrid, guessing]).verdict == AGREES
@@ -352,9 +359,32 @@ def test_hybrid_and_skip_claims_follow_the_numbers():
     widened = claim_hybrids_match([*far, seed])
     assert widened.verdict == DISAGREES and "ppl ratio ≤ 1.40 (the spread of standard's 2 seeds)" in widened.evidence
     assert claim_hybrids_match([*far[:2], row("hybrid", "nonapprox", 130.0, 96.0), seed]).verdict == AGREES
-    assert claim_hybrids_match([seed, *close[1:]]).verdict == CANNOT_TELL  # a replicate is no reference
+    assert claim_hybrids_match([seed, *close[1:]]).verdict == NOT_STUDIED  # a replicate is no reference
     stuck = row("standard", "standard", 100.0, 26.0, chance=14.3, floor=25.0)
     assert claim_hybrids_match([stuck, hybrid]).verdict == CANNOT_TELL
+
+
+def test_activation_claim_follows_the_largest_nonapprox_activation():
+    def analyses(uniform: float, hybrid: float) -> dict:
+        def layers(model: str, value: float) -> list[dict]:
+            return [
+                {"model": f"runs/{model}", "mixer": "nonapprox", "logits": {"max_abs": value / 10}},
+                {"model": f"runs/{model}", "mixer": "nonapprox", "logits": {"max_abs": value}},
+                {"model": f"runs/{model}", "mixer": "standard", "logits": {"max_abs": 1e6}},  # not a nonapprox layer
+            ]
+
+        return {
+            "uniform": {"layers": layers("corpus-uniform-nonapprox", uniform)},
+            "hybrid": {"layers": layers("corpus-hybrid-nonapprox", hybrid)},
+        }
+
+    rows = [row("standard", "standard", 100.0), row("uniform", "nonapprox", 900.0), row("hybrid", "nonapprox", 99.0)]
+    assert activation_claim(analyses(5e3, 7.0), rows).verdict == AGREES
+    disagree = activation_claim(analyses(5e3, 70.0), rows)
+    assert disagree.verdict == DISAGREES and "uniform 5e+03, hybrid 70" in disagree.evidence
+    assert activation_claim(analyses(500.0, 7.0), rows).verdict == CANNOT_TELL  # never reached 10³
+    assert activation_claim({}, rows).verdict == CANNOT_TELL  # the analyses are missing (failed)
+    assert activation_claim(analyses(5e3, 7.0), rows[:2]).verdict == NOT_STUDIED  # no hybrid nonapprox trained
 
 
 def placement_rows(ratios: dict[int, float], placements: dict[str, float]) -> list[Row]:

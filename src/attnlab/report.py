@@ -21,6 +21,7 @@ from .runconfig import write_text_atomic
 from .study import STUDY_FILES, run_folder, share_pattern
 
 AGREES, DISAGREES, CANNOT_TELL = "agrees", "disagrees", "cannot tell"
+NOT_STUDIED = "not studied"  # the study trains none of the models a claim compares (e.g. a placement study)
 NEAR_CHANCE_POINTS = 5.0  # an accuracy within max(this, 2 stderr) points of chance is "at chance"
 WELL_ABOVE_POINTS = 25.0  # and this many points above it is "well above chance"
 CLOSE_PPL_RATIO = 1.10  # "close to standard": held-out perplexity within 10 % …
@@ -333,7 +334,9 @@ def claim_mlp_collapses(rows: list[Row]) -> Claim:
     statement = "Token mixing is necessary: uniform mlp collapses (recall at chance) while standard does not"
     standard, mlp = _find(rows, "standard"), _find(rows, "uniform", "mlp")
     source = "paper §5 Table 1 (uniform mlp 40.0 NLU avg, 993.5 ppl vs 51.9, 38.1)"
-    if standard is None or mlp is None or standard.recall.value is None or mlp.recall.value is None:
+    if standard is None or mlp is None:
+        return Claim(statement, source, NOT_STUDIED, "no uniform mlp or no standard model")
+    if standard.recall.value is None or mlp.recall.value is None:
         return Claim(statement, source, CANNOT_TELL, "uniform mlp or standard has no recall accuracy")
     chance = standard.recall_chance
     ratio = _ppl_ratio(mlp, standard)
@@ -361,7 +364,7 @@ def claim_hybrids_match(rows: list[Row]) -> Claim:
     standard = _find(rows, "standard")
     hybrids = [row for row in rows if row.group == "hybrid"]
     if standard is None or not hybrids:
-        return Claim(statement, source, CANNOT_TELL, "no standard or no hybrid rows")
+        return Claim(statement, source, NOT_STUDIED, "no standard or no hybrid rows")
     if _untrained(standard):
         return Claim(
             statement,
@@ -396,7 +399,7 @@ def claim_skip_collapses(rows: list[Row]) -> Claim:
     source = "paper §5 Table 1 (every skip row falls to chance)"
     skips = [row for row in rows if row.group == "skip"]
     if not skips:
-        return Claim(statement, source, CANNOT_TELL, "no skip rows")
+        return Claim(statement, source, NOT_STUDIED, "no skip rows")
     parts, survivors = [], []
     for row in skips:
         hybrid = _find(rows, "hybrid", row.mixer)
@@ -427,6 +430,8 @@ def claim_form_relaxable(rows: list[Row]) -> Claim:
     source = "paper §5 Table 1 (approximate 47.9 ppl, nonapprox 9E+4, standard 38.1)"
     standard = _find(rows, "standard")
     approx, nonapprox = _find(rows, "uniform", "approximate"), _find(rows, "uniform", "nonapprox")
+    if standard is None or approx is None or nonapprox is None:
+        return Claim(statement, source, NOT_STUDIED, "no standard, uniform approximate or uniform nonapprox model")
     approx_ratio, nonapprox_ratio = _ppl_ratio(approx, standard), _ppl_ratio(nonapprox, standard)
     if approx_ratio is None or nonapprox_ratio is None:
         return Claim(statement, source, CANNOT_TELL, "uniform approximate or nonapprox has no perplexity")
@@ -451,8 +456,10 @@ def claim_sequence_dependency(rows: list[Row]) -> Claim:
     source = "paper §5 (rndembqk 84.8, fixedseqqk 79.1 ppl vs 38.1) and §9 (recall isolates the principle)"
     standard = _find(rows, "standard")
     variants = [row for row in (_find(rows, "uniform", "rndembqk"), _find(rows, "uniform", "fixedseqqk")) if row]
-    if standard is None or not variants or standard.recall.value is None:
-        return Claim(statement, source, CANNOT_TELL, "missing standard, rndembqk/fixedseqqk or recall numbers")
+    if standard is None or not variants:
+        return Claim(statement, source, NOT_STUDIED, "no standard or no uniform rndembqk/fixedseqqk model")
+    if standard.recall.value is None:
+        return Claim(statement, source, CANNOT_TELL, "standard has no recall accuracy")
     parts, agree = [], True
     for row in variants:
         ratio = _ppl_ratio(row, standard)
@@ -477,10 +484,13 @@ CLAIMS = (
 )
 
 
-def activation_claim(analyses: dict[str, dict]) -> Claim:
-    """Pre-softmax outliers: uniform nonapprox > 10³, hybrid layers < ~10 (paper §6, Fig. 2)."""
+def activation_claim(analyses: dict[str, dict], rows: list[Row] | None = None) -> Claim:
+    """Pre-softmax outliers: uniform nonapprox > 10³, hybrid layers < ~10 (paper §6, Fig. 2). `analyses`: the
+    study's `indicators.json` by analysis name; `rows`, when given, tell whether the study trains both models."""
     statement = "Uniform nonapprox develops pre-softmax outliers (> 10³); standard layers in a hybrid keep them small"
     source = "paper §6, Fig. 2 (outliers > 10³ in late uniform nonapprox layers; hybrids below ~10)"
+    if rows is not None and (_find(rows, "uniform", "nonapprox") is None or _find(rows, "hybrid", "nonapprox") is None):
+        return Claim(statement, source, NOT_STUDIED, "no uniform or no hybrid nonapprox model")
 
     def largest(analysis: str, model_suffix: str) -> float | None:
         layers = analyses.get(analysis, {}).get("layers", [])
@@ -653,7 +663,7 @@ def write_report(out: str | Path, study) -> Path:
         if (data := _read_json(folder / "indicators.json")) is not None
     }
     _recall_loss_figure(out, study)
-    claims = [claim(rows) for claim in CLAIMS] + [activation_claim(analyses)]
+    claims = [claim(rows) for claim in CLAIMS] + [activation_claim(analyses, rows)]
     failed = [f"{row.group} {row.label}: {', '.join(row.notes)}" for row in rows if row.notes]
     lines = [
         f"# attnlab study: {study.name}",
@@ -683,7 +693,13 @@ def write_report(out: str | Path, study) -> Path:
         lines += placement_section(rows, study.name.split(":", 1)[1], depth, out)
     lines += ["## The paper's claims, checked on this run", ""]
     for claim in claims:
-        lines += [f"- **{claim.verdict}** — {claim.statement} ({claim.source}). {claim.evidence}."]
+        if claim.verdict != NOT_STUDIED:
+            lines += [f"- **{claim.verdict}** — {claim.statement} ({claim.source}). {claim.evidence}."]
+    if not_studied := [claim.statement for claim in claims if claim.verdict == NOT_STUDIED]:
+        lines += [
+            "",
+            "Not checked here (this study trains none of the models they compare): " + "; ".join(not_studied) + ".",
+        ]
     lines += ["", "## Figures", ""]
     lines += [link + "\n" for link in _figure_links(out)]
     write_text_atomic(out / "report.csv", csv_rows(rows))
