@@ -4,7 +4,14 @@ Everything is read back from the run folders the study wrote (`attnlab.study`): 
 (`results.json`, `skip.json`), recall accuracies (`recall.json`, `recall-skip.json`), training stage
 records (seconds, divergence) and the analyses' `indicators.json`. The claims section is computed from
 those numbers by the `CLAIMS` functions, each of which states its thresholds; nothing in it is written by
-hand. Missing numbers (a failed or unfinished run) show as "–" and turn a claim into "cannot tell".
+hand. Missing numbers (a failed or unfinished run) show as "–" and turn a claim into "cannot tell"; a claim
+about models the study does not train at all is listed once as not checked.
+
+"Close to standard" (hybrids, placements) is a held-out perplexity within ×1.10 of standard's, or within
+the spread of standard's seeds when the study trains replicates and they differ by more, and MQAR within
+max(5, 2σ) points. A placement study (`placements:<mixer>`) also gets a section that judges every trained
+layer list this way and names the smallest evenly spread share of standard layers that rescues the mixer,
+with `figures/share_sweep.png`.
 """
 
 from __future__ import annotations
@@ -115,7 +122,7 @@ def collect_rows(out: Path, study) -> list[Row]:
     rows: dict[tuple[str, str], Row] = {}
 
     def row_for(group: str, run) -> Row:
-        seed = run.train.get("seed") if getattr(run, "replicate", False) else None
+        seed = run.train.get("seed") if run.replicate else None
         return rows.setdefault((group, run.mixer, seed), Row(group, run.mixer, run.layers, seed))
 
     for run in study.runs:

@@ -27,7 +27,8 @@ Presets:
                       evaluation of every hybrid; once on the built-in corpus (offline tasks) and once on
                       multi-query associative recall. The README's main job: < 15 minutes on 2 CPU cores.
     placements:MIXER  the nine placements of spec §7 for one mixer (paper Fig. 3) and a sweep of the share of
-                      standard layers, on an 8-layer cpu-tiny model, corpus and recall.
+                      standard layers, on an 8-layer cpu-tiny model, corpus and recall; the all-standard corpus
+                      model also at two more seeds, whose spread sets how close "close to standard" must be.
     paper-70m, paper-160m, paper-500m
                       the paper's grid at full size on SlimPajama with the paper's nine tasks (GPU).
 """
