@@ -107,11 +107,14 @@ def assert_complete(out: Path, study: Study) -> None:
 
 def test_quick_preset_is_the_table_1_grid_on_both_data_kinds():
     study = build_study("quick")
-    names = [run.name for run in study.runs]
+    names = [run.name for run in study.runs if not run.replicate]
     for data in ("corpus", "recall"):
         expected = [f"{data}-standard"] + [f"{data}-{kind}-{m}" for kind in ("uniform", "hybrid") for m in VARIANTS]
         assert [name for name in names if name.startswith(data)] == expected
     assert len(names) == len(set(names)) == 26
+    (replicate,) = [run for run in study.runs if run.replicate]  # standard at a second seed sets "close"
+    assert replicate.name == "corpus-standard-seed1" and replicate.train == {**study.runs[0].train, "seed": 1}
+    assert all(replicate.name not in analysis.runs for analysis in study.analyses)
     skip_runs = {run.name for run in study.runs if run.skip}
     assert skip_runs == {run.name for run in study.runs if run.kind == "hybrid"}
     assert {analysis.name for analysis in study.analyses} == {"uniform", "hybrid"}
