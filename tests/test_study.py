@@ -458,6 +458,7 @@ def test_placement_section_finds_the_smallest_rescuing_share(tmp_path):
         "is 4 of 8 (share-4of8, xSxSxSxS: ppl ×1.02 of standard's, MQAR 95.0 ± 1.0)" in sentence
     )  # 2 rescues, but 3 does not: not yet a minimum
     assert "fewer also rescue it: first (1 of 8, Sxxxxxxx)" in sentence and "top" not in sentence
+    assert "(by MQAR alone 2 of 8; by held-out perplexity alone 4 of 8)" in sentence  # each half on its own
     # A second standard seed 1.35× off the first widens "close" to ×1.35: share 3 (×1.3) is rescued now
     replicate = row("standard", "standard", 135.0, 95.0)
     replicate.seed, replicate.layers = 1, "uniform:standard"

@@ -534,6 +534,8 @@ class PlacementPoint:
     spread: bool  # the share sweep's evenly spread standard layers (uniform and standard included)
     ppl_ratio: float | None
     rescued: bool | None  # close to standard (`close_to_standard`); None when nothing is known
+    ppl_close: bool | None  # the two halves of `rescued`, each None when unmeasured
+    recall_close: bool | None
 
     @property
     def standard_layers(self) -> int:
@@ -557,8 +559,26 @@ def placement_points(rows: list[Row], mixer: str, depth: int) -> list[PlacementP
             continue
         layers = tuple(resolve_layer_pattern(row.layers, depth))
         ratio, rescued = close_to_standard(row, standard, limit)
-        points.append(PlacementPoint(row, layers, layers in spread, ratio, rescued))
+        recall_close = None
+        if row.recall.value is not None and standard.recall.value is not None:
+            recall_close = _close(row.recall, standard.recall, CLOSE_ACC_POINTS)
+        ppl_close = None if ratio is None else ratio <= limit
+        points.append(PlacementPoint(row, layers, layers in spread, ratio, rescued, ppl_close, recall_close))
     return sorted(points, key=lambda point: point.standard_layers)
+
+
+def _smallest_share(sweep: list[PlacementPoint], verdict: str) -> int | None:
+    """The fewest standard layers from which `verdict` (a PlacementPoint field) holds for every larger share of
+    the sweep; None when a share needed to decide it has no such verdict."""
+    smallest = None
+    for point in sorted(sweep, key=lambda point: -point.standard_layers):
+        holds = getattr(point, verdict)
+        if holds is None:
+            return None
+        if not holds:
+            break
+        smallest = point.standard_layers
+    return smallest
 
 
 def minimum_rescue(points: list[PlacementPoint], mixer: str, depth: int) -> str:
@@ -570,11 +590,7 @@ def minimum_rescue(points: list[PlacementPoint], mixer: str, depth: int) -> str:
     if missing or any(point.rescued is None for point in sweep):
         unknown = missing + [point.standard_layers for point in sweep if point.rescued is None]
         return f"Cannot tell the minimum share: no numbers for {', '.join(map(str, sorted(unknown)))} standard layers."
-    smallest = depth
-    for point in sorted(sweep, key=lambda point: -point.standard_layers):
-        if not point.rescued:
-            break
-        smallest = point.standard_layers
+    smallest = _smallest_share(sweep, "rescued")
     best = next(point for point in sweep if point.standard_layers == smallest)
     if smallest == depth:
         sentence = f"No share of standard layers below {depth} of {depth} rescues {mixer}"
@@ -584,6 +600,13 @@ def minimum_rescue(points: list[PlacementPoint], mixer: str, depth: int) -> str:
             f"({best.row.label}, {best.layer_map()}: ppl ×{best.ppl_ratio or math.nan:.2f} of standard's, MQAR "
             f"{_cell(best.row.recall)}), and every larger share is rescued too"
         )
+    by_measure = [
+        f"{name} alone {count} of {depth}"
+        for name, field_name in (("by MQAR", "recall_close"), ("by held-out perplexity", "ppl_close"))
+        if (count := _smallest_share(sweep, field_name)) is not None
+    ]
+    if by_measure:
+        sentence += " (" + "; ".join(by_measure) + ")"
     fewer = [p for p in points if not p.spread and p.rescued and p.standard_layers < smallest]
     if fewer:
         sentence += "; placed differently, fewer also rescue it: " + ", ".join(
