@@ -305,30 +305,46 @@ def _ppl_ratio(row: Row | None, reference: Row | None) -> float | None:
     return row.heldout_ppl.value / reference.heldout_ppl.value
 
 
+def _standard_ppls(rows: list[Row]) -> list[float]:
+    """Held-out perplexities of standard, one per seed the study trained it with."""
+    return [row.heldout_ppl.value for row in rows if row.group == "standard" and row.heldout_ppl.value]
+
+
 def close_ppl_limit(rows: list[Row]) -> float:
     """The largest ppl ratio to standard that counts as close: CLOSE_PPL_RATIO, or, when the study trained
     standard with several seeds, the spread of their held-out perplexities (max / min) if that is larger."""
-    values = [row.heldout_ppl.value for row in rows if row.group == "standard" and row.heldout_ppl.value]
+    values = _standard_ppls(rows)
     return max(CLOSE_PPL_RATIO, max(values) / min(values)) if len(values) > 1 else CLOSE_PPL_RATIO
 
 
 def _closeness_rule(rows: list[Row]) -> str:
     limit = close_ppl_limit(rows)
-    seeds = sum(1 for row in rows if row.group == "standard" and row.heldout_ppl.value)
-    spread = f" (the spread of standard's {seeds} seeds)" if limit > CLOSE_PPL_RATIO else ""
+    spread = f" (the spread of standard's {len(_standard_ppls(rows))} seeds)" if limit > CLOSE_PPL_RATIO else ""
     return f"ppl ratio ≤ {limit:.2f}{spread} and MQAR within max({CLOSE_ACC_POINTS:.0f}, 2σ) points"
+
+
+def _closeness(row: Row, standard: Row, ppl_limit: float) -> tuple[float | None, bool | None, bool | None]:
+    """(ppl ratio row/standard, ppl within ×`ppl_limit`, MQAR within max(CLOSE_ACC_POINTS, 2 combined σ));
+    each verdict None when its measure is missing."""
+    ratio = _ppl_ratio(row, standard)
+    recall_close = None
+    if row.recall.value is not None and standard.recall.value is not None:
+        recall_close = _close(row.recall, standard.recall, CLOSE_ACC_POINTS)
+    return ratio, None if ratio is None else ratio <= ppl_limit, recall_close
+
+
+def _both_close(ppl_close: bool | None, recall_close: bool | None) -> bool | None:
+    """Close on every measure that is known; None when neither is."""
+    if ppl_close is None and recall_close is None:
+        return None
+    return ppl_close is not False and recall_close is not False
 
 
 def close_to_standard(row: Row, standard: Row, ppl_limit: float = CLOSE_PPL_RATIO) -> tuple[float | None, bool | None]:
     """(ppl ratio row/standard, whether the row is close to standard): held-out ppl within ×`ppl_limit`
     and MQAR within max(CLOSE_ACC_POINTS, 2 combined σ), judged on what is known; None when neither is."""
-    ratio = _ppl_ratio(row, standard)
-    recall_close = None
-    if row.recall.value is not None and standard.recall.value is not None:
-        recall_close = _close(row.recall, standard.recall, CLOSE_ACC_POINTS)
-    if ratio is None and recall_close is None:
-        return None, None
-    return ratio, (ratio is None or ratio <= ppl_limit) and recall_close is not False
+    ratio, ppl_close, recall_close = _closeness(row, standard, ppl_limit)
+    return ratio, _both_close(ppl_close, recall_close)
 
 
 def _versus(row: Row, ratio: float | None, reference: str = "", digits: int = 2) -> str:
@@ -381,8 +397,9 @@ def claim_hybrids_match(rows: list[Row]) -> Claim:
             f"{WELL_ABOVE_POINTS:.0f} points above the no-recall level: nothing learned to match",
         )
     parts, outliers, unknown = [], [], []
+    limit = close_ppl_limit(rows)
     for row in hybrids:
-        ratio, close = close_to_standard(row, standard, close_ppl_limit(rows))
+        ratio, close = close_to_standard(row, standard, limit)
         if close is None:
             unknown.append(row.mixer)
             continue
@@ -533,9 +550,13 @@ class PlacementPoint:
     layers: tuple[str, ...]  # one mixer per layer, first layer first
     spread: bool  # the share sweep's evenly spread standard layers (uniform and standard included)
     ppl_ratio: float | None
-    rescued: bool | None  # close to standard (`close_to_standard`); None when nothing is known
-    ppl_close: bool | None  # the two halves of `rescued`, each None when unmeasured
+    ppl_close: bool | None  # within the closeness limit on each measure; None when unmeasured
     recall_close: bool | None
+
+    @property
+    def rescued(self) -> bool | None:
+        """Close to standard on every known measure (`close_to_standard`); None when nothing is known."""
+        return _both_close(self.ppl_close, self.recall_close)
 
     @property
     def standard_layers(self) -> int:
@@ -558,17 +579,12 @@ def placement_points(rows: list[Row], mixer: str, depth: int) -> list[PlacementP
         if row.group == "skip" or not row.layers or row.seed is not None:
             continue
         layers = tuple(resolve_layer_pattern(row.layers, depth))
-        ratio, rescued = close_to_standard(row, standard, limit)
-        recall_close = None
-        if row.recall.value is not None and standard.recall.value is not None:
-            recall_close = _close(row.recall, standard.recall, CLOSE_ACC_POINTS)
-        ppl_close = None if ratio is None else ratio <= limit
-        points.append(PlacementPoint(row, layers, layers in spread, ratio, rescued, ppl_close, recall_close))
+        points.append(PlacementPoint(row, layers, layers in spread, *_closeness(row, standard, limit)))
     return sorted(points, key=lambda point: point.standard_layers)
 
 
 def _smallest_share(sweep: list[PlacementPoint], verdict: str) -> int | None:
-    """The fewest standard layers from which `verdict` (a PlacementPoint field) holds for every larger share of
+    """The fewest standard layers from which `verdict` (a PlacementPoint attribute) holds for every larger share of
     the sweep; None when a share needed to decide it has no such verdict."""
     smallest = None
     for point in sorted(sweep, key=lambda point: -point.standard_layers):
