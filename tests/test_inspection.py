@@ -208,7 +208,7 @@ def expected_layer(model, layer_idx: int, hidden_states, shadow: dict):
     config = model.config
     layer = model.model.layers[layer_idx]
     attn, kind = layer.self_attn, layer.mixer_type
-    norm = lambda h: rms_norm(h, layer.input_layernorm.weight, config.rms_norm_eps)  # noqa: E731
+    norm = lambda h: rms_norm(h, layer.input_layernorm.weight, config.rms_norm_eps)
     x = norm(hidden_states[layer_idx])
     if kind == "mlp":
         return None, None

@@ -405,8 +405,15 @@ def test_approximate_default_chunking_matches_reference_past_the_crossover():
     """With the default chunk (2·d_h²) a sequence longer than one chunk runs the running-sum form."""
     torch.manual_seed(0)
     config = AttnLabConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        head_dim=6, max_position_embeddings=160, layers="uniform:approximate", initializer_range=0.2,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=6,
+        max_position_embeddings=160,
+        layers="uniform:approximate",
+        initializer_range=0.2,
     )
     model = AttnLabForCausalLM(config).eval()
     assert model.model.layers[0].self_attn.chunk_size is None  # default: 2 · 6² = 72 positions per chunk

@@ -140,11 +140,13 @@ def test_skip_mode_removes_whole_nonstandard_layers():
     state = {key: value for key, value in hybrid.state_dict().items() if ".layers." not in key}
     for new_index, old_index in enumerate([1, 3]):  # layers 2 and 4 keep standard attention
         prefix = f"model.layers.{old_index}."
-        state.update({
-            key.replace(prefix, f"model.layers.{new_index}."): value
-            for key, value in hybrid.state_dict().items()
-            if key.startswith(prefix)
-        })
+        state.update(
+            {
+                key.replace(prefix, f"model.layers.{new_index}."): value
+                for key, value in hybrid.state_dict().items()
+                if key.startswith(prefix)
+            }
+        )
     standard_only.load_state_dict(state, strict=True)
     input_ids = torch.randint(0, config.vocab_size, (2, 11))
     with torch.no_grad():

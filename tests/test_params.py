@@ -74,7 +74,9 @@ def test_params_command_accepts_architecture_flags(capsys):
     out = capsys.readouterr().out
     assert "hidden_size=64" in out and "| nonapprox |" in out
     expected = count_parameters(
-        AttnLabConfig(**{**model_options("cpu-tiny"), "hidden_size": 64, "num_key_value_heads": 2, "tie_word_embeddings": False})
+        AttnLabConfig(
+            **{**model_options("cpu-tiny"), "hidden_size": 64, "num_key_value_heads": 2, "tie_word_embeddings": False}
+        )
     )
     assert f"{expected / 1e6:,.3f}M" in out
 

@@ -20,17 +20,47 @@ from attnlab.cli import main
 from attnlab.runconfig import check_resume_compatible, resolve_run_config
 
 TINY_MODEL = [
-    "--hidden-size", "32", "--intermediate-size", "64", "--num-hidden-layers", "2", "--num-attention-heads", "2",
+    "--hidden-size",
+    "32",
+    "--intermediate-size",
+    "64",
+    "--num-hidden-layers",
+    "2",
+    "--num-attention-heads",
+    "2",
 ]
 
 
 def tiny_train_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "train", "--preset", "cpu-tiny", *TINY_MODEL,
-        "--data", str(corpus), "--tokenizer", "bpe:320", "--out", str(out),
-        "--seq-len", "32", "--batch-size", "4", "--global-batch-size", "4", "--max-steps", "12",
-        "--warmup-steps", "2", "--save-every", "4", "--eval-every", "4", "--eval-sequences", "4",
-        "--no-tensorboard", *extra,
+        "train",
+        "--preset",
+        "cpu-tiny",
+        *TINY_MODEL,
+        "--data",
+        str(corpus),
+        "--tokenizer",
+        "bpe:320",
+        "--out",
+        str(out),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--global-batch-size",
+        "4",
+        "--max-steps",
+        "12",
+        "--warmup-steps",
+        "2",
+        "--save-every",
+        "4",
+        "--eval-every",
+        "4",
+        "--eval-sequences",
+        "4",
+        "--no-tensorboard",
+        *extra,
     ]
 
 
@@ -207,7 +237,10 @@ def bad_input_cases(corpus: Path, tmp_path: Path) -> list[tuple[list[str], str]]
     empty.write_text("")
     return [
         (["--layers", "uniform:attention"], "unknown mixer 'attention'"),
-        (["--layers", "standard,mlp", "--num-hidden-layers", "3"], "names 2 mixers but the model has num_hidden_layers=3"),
+        (
+            ["--layers", "standard,mlp", "--num-hidden-layers", "3"],
+            "names 2 mixers but the model has num_hidden_layers=3",
+        ),
         (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
         (["--data", str(empty)], "empty.txt"),
         (["--data", str(malformed)], "line 2"),

@@ -145,7 +145,9 @@ class AttnLabModel(AttnLabPreTrainedModel):
         self.rotary_emb = RotaryEmbedding(config.head_dim_resolved, config.rope_theta)
         mixers = set(config.mixer_types)
         # Fixed shadow inputs are persistent buffers (saved with the model); filled in by `_init_weights`.
-        self.shadow_noise = nn.Buffer(torch.empty(config.shadow_seq_len, config.hidden_size)) if "rndembqk" in mixers else None
+        self.shadow_noise = (
+            nn.Buffer(torch.empty(config.shadow_seq_len, config.hidden_size)) if "rndembqk" in mixers else None
+        )
         self.shadow_token_ids = (
             nn.Buffer(torch.zeros(config.shadow_seq_len, dtype=torch.long)) if "fixedseqqk" in mixers else None
         )

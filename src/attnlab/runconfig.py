@@ -58,8 +58,18 @@ class TrainConfig:
 
 # Settings a resumed run may change: budget, cadence and execution, not the experiment itself.
 RESUMABLE_CHANGES = {
-    "tokens", "max_steps", "save_every", "keep_checkpoints", "eval_every", "device", "compile",
-    "tensorboard", "wandb", "max_nonfinite_skips", "parallel", "batch_size",
+    "tokens",
+    "max_steps",
+    "save_every",
+    "keep_checkpoints",
+    "eval_every",
+    "device",
+    "compile",
+    "tensorboard",
+    "wandb",
+    "max_nonfinite_skips",
+    "parallel",
+    "batch_size",
 }
 TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -131,7 +141,9 @@ def check_resume_compatible(saved: dict[str, Any], current: RunConfig) -> None:
     differences = []
     for key in sorted(set(saved.get("model", {})) | set(now["model"])):
         if saved.get("model", {}).get(key) != now["model"].get(key):
-            differences.append(f"model.{key}: {saved.get('model', {}).get(key)!r} in the checkpoint, {now['model'].get(key)!r} now")
+            differences.append(
+                f"model.{key}: {saved.get('model', {}).get(key)!r} in the checkpoint, {now['model'].get(key)!r} now"
+            )
     for key, value in now["train"].items():
         if key not in RESUMABLE_CHANGES and saved.get("train", {}).get(key) != value:
             differences.append(f"train.{key}: {saved.get('train', {}).get(key)!r} in the checkpoint, {value!r} now")

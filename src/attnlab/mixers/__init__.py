@@ -35,7 +35,9 @@ def build_mixer(config, layer_idx: int) -> Mixer:
     return MIXERS[name](config, layer_idx)
 
 
-def mixer_cost(config, layer_idx: int, batch: int, seq_len: int, dtype_bytes: int = 2, cached: bool = True) -> MixerCost:
+def mixer_cost(
+    config, layer_idx: int, batch: int, seq_len: int, dtype_bytes: int = 2, cached: bool = True
+) -> MixerCost:
     """The analytic cost of layer `layer_idx` of `config` (`Mixer.cost` of its mixer; no model is built)."""
     return MIXERS[config.mixer_types[layer_idx]].cost(config, batch, seq_len, dtype_bytes, cached)
 

@@ -31,4 +31,6 @@ class TokenwiseMLP(Mixer):
     def cost(cls, config, batch, seq_len, dtype_bytes=2, cached=True):
         """W_gate, W_up (d → m) and W_down (m → d) per token; nothing cached (module docstring)."""
         per_token = 6 * config.hidden_size * config.mlp_mixer_size
-        return MixerCost(prefill_flops=batch * seq_len * per_token, decode_flops_per_token=batch * per_token, cache_bytes=0)
+        return MixerCost(
+            prefill_flops=batch * seq_len * per_token, decode_flops_per_token=batch * per_token, cache_bytes=0
+        )
