@@ -31,6 +31,7 @@ from attnlab.report import (
     minimum_rescue,
     placement_points,
     placement_section,
+    window_losses,
 )
 from attnlab.runconfig import resolve_run_config
 from attnlab.study import (
@@ -365,6 +366,29 @@ def test_hybrid_and_skip_claims_follow_the_numbers():
     assert claim_hybrids_match([seed, *close[1:]]).verdict == NOT_STUDIED  # a replicate is no reference
     stuck = row("standard", "standard", 100.0, 26.0, chance=14.3, floor=25.0)
     assert claim_hybrids_match([stuck, hybrid]).verdict == CANNOT_TELL
+
+
+def test_window_losses_average_shares_of_the_steps(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    records = [{"step": step, "tokens": 64 * step, "loss": float(step)} for step in range(1, 21)]
+    records[-1]["eval_loss"] = 99.0  # held-out losses are not training losses
+    metrics.write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert window_losses(metrics) == (9.5, 19.5)  # steps 9–10 (40–50 %) and 19–20 (90–100 %)
+    assert window_losses(tmp_path / "missing.jsonl") is None
+
+
+def test_hybrid_claim_says_whether_a_gap_was_closing():
+    standard, hybrid, seed = (
+        row("standard", "standard", 100.0),
+        row("hybrid", "mlp", 150.0),
+        row("standard", "standard", 104.0),
+    )
+    seed.seed = 1
+    standard.window_losses, hybrid.window_losses, seed.window_losses = (3.5, 3.1), (3.58, 3.22), (3.54, 3.16)
+    evidence = claim_hybrids_match([standard, seed, hybrid]).evidence
+    assert "mlp +0.08 → +0.12, standard (seed 1) +0.04 → +0.06" in evidence
+    hybrid.heldout_ppl = Measure(102.0)  # close: nothing to explain
+    assert "training-loss gap" not in claim_hybrids_match([standard, seed, hybrid]).evidence
 
 
 def test_activation_claim_follows_the_largest_nonapprox_activation():

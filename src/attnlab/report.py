@@ -9,7 +9,9 @@ about models the study does not train at all is listed once as not checked.
 
 "Close to standard" (hybrids, placements) is a held-out perplexity within ×1.10 of standard's, or within
 the spread of standard's seeds when the study trains replicates and they differ by more, and MQAR within
-max(5, 2σ) points. A placement study (`placements:<mixer>`) also gets a section that judges every trained
+max(5, 2σ) points. A hybrid that is not close also gets its training-loss gap to standard in the middle
+and at the end of training (same data in the same order), beside that of standard's own replicates: a gap
+still narrowing would close with more tokens, a steady or widening one would not. A placement study (`placements:<mixer>`) also gets a section that judges every trained
 layer list this way and names the smallest evenly spread share of standard layers that rescues the mixer,
 with `figures/share_sweep.png`.
 """
@@ -36,6 +38,9 @@ CLOSE_ACC_POINTS = 5.0  # … and recall accuracy within max(this, 2 combined st
 COLLAPSE_PPL_RATIO = 2.0  # "collapses": perplexity at least twice that of the model it came from
 LASTWORD_CHANCE = 0.0  # percent: exact greedy continuation of an open vocabulary
 CLOZE_CHANCE = 25.0  # percent: one ending of four
+# Fractions of a corpus run's optimizer steps over which its training loss is averaged: the hybrid claim
+# sets the gap to standard in the middle of training beside the gap at the end (same data, same order).
+LOSS_WINDOWS = ((0.4, 0.5), (0.9, 1.0))
 
 
 @dataclass
@@ -61,6 +66,7 @@ class Row:
     recall_floor: float | None = None  # percent: the better of chance and guessing among the context's values
     parameters: int | None = None
     train_seconds: float | None = None  # corpus run
+    window_losses: tuple[float, ...] | None = None  # corpus training loss, nats/token, one per LOSS_WINDOWS
     recall_train_seconds: float | None = None
     notes: list[str] = field(default_factory=list)  # "diverged", "failed", …
 
@@ -117,6 +123,23 @@ def _train_seconds(folder: Path, row: Row) -> float | None:
     return float(record["seconds"])
 
 
+def window_losses(metrics: Path) -> tuple[float, ...] | None:
+    """Mean training loss over each `LOSS_WINDOWS` share of a run's optimizer steps (None without metrics)."""
+    from .plots import read_metrics
+
+    try:
+        losses = [record["loss"] for record in read_metrics(metrics) if "loss" in record]
+    except ValueError:
+        return None
+    means = []
+    for start, stop in LOSS_WINDOWS:
+        window = losses[int(start * len(losses)) : max(int(stop * len(losses)), int(start * len(losses)) + 1)]
+        if not window:
+            return None
+        means.append(sum(window) / len(window))
+    return tuple(means)
+
+
 def collect_rows(out: Path, study) -> list[Row]:
     """Rows in study order: each (kind, mixer) once, with skip rows for runs evaluated with skip."""
     rows: dict[tuple[str, str], Row] = {}
@@ -130,6 +153,7 @@ def collect_rows(out: Path, study) -> list[Row]:
         row = row_for(run.kind, run)
         if run.data == "corpus":
             row.train_seconds = _train_seconds(folder, row)
+            row.window_losses = window_losses(folder / "metrics.jsonl")
             _fill_corpus(row, folder, "results.json")
             if run.skip:
                 skip = row_for("skip", run)
@@ -412,10 +436,31 @@ def claim_hybrids_match(rows: list[Row]) -> Claim:
         + f" (close = {_closeness_rule(rows)})"
     )
     if outliers:
-        return Claim(statement, source, DISAGREES, evidence + f"; not close: {', '.join(outliers)}")
+        evidence += f"; not close: {', '.join(outliers)}"
+        compared = [row for row in hybrids if row.mixer in outliers] + _replicates(rows)
+        return Claim(statement, source, DISAGREES, evidence + _loss_gaps(standard, compared))
     if unknown or not parts:
         return Claim(statement, source, CANNOT_TELL, evidence + f"; missing: {', '.join(unknown)}")
     return Claim(statement, source, AGREES, evidence)
+
+
+def _replicates(rows: list[Row]) -> list[Row]:
+    return [row for row in rows if row.group == "standard" and row.seed is not None]
+
+
+def _loss_gaps(standard: Row, rows: list[Row]) -> str:
+    """ "; training-loss gap to standard …: mlp +0.08 → +0.12, …" for `rows`, where known: whether a gap
+    was still closing at the end of training (more tokens might close it) or not. Standard's replicates,
+    listed too, show how far apart two seeds of the same model are."""
+    gaps = []
+    for row in rows:
+        if row.window_losses and standard.window_losses:
+            steps = [f"{ours - theirs:+.2f}" for ours, theirs in zip(row.window_losses, standard.window_losses)]
+            gaps.append(f"{row.label} {' → '.join(steps)}")
+    if not gaps:
+        return ""
+    windows = " → ".join(f"{start:.0%}–{stop:.0%}" for start, stop in LOSS_WINDOWS)
+    return f"; training-loss gap to standard, nats/token (mean over {windows} of the steps): {', '.join(gaps)}"
 
 
 def claim_skip_collapses(rows: list[Row]) -> Claim:
