@@ -266,3 +266,18 @@ def test_unknown_preset_and_resume_mismatch_are_one_line_errors(corpus, uninterr
     assert "already holds a run" in capsys.readouterr().err
     assert main(tiny_train_args(corpus, tmp_path / "nothing", "--resume")) == 2
     assert "holds no run" in capsys.readouterr().err
+
+
+def test_a_run_that_saved_nothing_starts_again(corpus, uninterrupted, tmp_path):
+    """Bad input found after the folder was claimed, or a kill before the first checkpoint, leaves a run
+    that saved nothing: neither a plain rerun nor --resume refuses its folder, and the run that follows is
+    the uninterrupted run, with none of the aborted attempts' metrics."""
+    out = tmp_path / "retry"
+    assert run_attnlab(tiny_train_args(corpus, out, "--seq-len", "512")).returncode == 2
+    assert (out / "run_config.yaml").exists()
+    killed = run_attnlab(tiny_train_args(corpus, out), fault="kill-at-step:3")  # --save-every 4
+    assert killed.returncode == -signal.SIGKILL and "starting it from the beginning" in killed.stderr
+    assert (out / "metrics.jsonl").exists() and not list(out.glob("checkpoint-*"))
+    result = run_attnlab(tiny_train_args(corpus, out, "--resume"))
+    assert result.returncode == 0, result.stderr
+    assert losses(out) == losses(uninterrupted)

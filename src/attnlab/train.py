@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -297,19 +298,30 @@ def evaluate_loss(model, sequences: torch.Tensor, batch_size: int, device: torch
 
 def _prepare_output_folder(run: RunConfig, out: Path, resume: bool) -> Path | None:
     """Check that `out` can take this run and claim it; return the checkpoint to resume from (or None).
-    Runs on rank 0 only (see `Devices.main_decides`)."""
+    Runs on rank 0 only (see `Devices.main_decides`).
+
+    A folder whose run stopped before saving anything (bad input found after the folder was claimed, a
+    kill before the first checkpoint) holds nothing to keep or resume: the run starts there afresh, with
+    or without --resume."""
     saved_config = out / "run_config.yaml"
+    checkpoint = latest_checkpoint(out)
+    saved_model = (out / "model.safetensors").exists()
     if resume:
         if not saved_config.is_file():
             raise ValueError(f"--resume: {out} holds no run (no run_config.yaml); start it without --resume")
         check_resume_compatible(yaml.safe_load(saved_config.read_text()), run)
-        checkpoint = latest_checkpoint(out)
-        if checkpoint is None:
-            raise ValueError(f"--resume: {out} has no complete checkpoint yet; start the run again without --resume")
-        remove_stale_temporaries(out)
-        return checkpoint
-    if saved_config.exists() or latest_checkpoint(out) is not None:
+        if checkpoint is not None:
+            remove_stale_temporaries(out)
+            return checkpoint
+        if saved_model:
+            raise ValueError(f"--resume: {out} holds a finished run without checkpoints; nothing to resume")
+    elif checkpoint is not None or saved_model:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if saved_config.exists():
+        print(f"attnlab: {out} holds a run that saved nothing; starting it from the beginning", file=sys.stderr)
+        remove_stale_temporaries(out)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     run.write(saved_config)
     return None
