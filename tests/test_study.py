@@ -358,6 +358,11 @@ def test_hybrid_and_skip_claims_follow_the_numbers():
     # 25 % MQAR with 4 pairs is guessing among the context's values: no recall left, though above 14 % chance.
     guessing = row("skip", "mlp", 150.0, 25.0, chance=14.3, floor=25.0)
     assert claim_skip_collapses([standard, hybrid, guessing]).verdict == AGREES
+    # a hybrid that learned nothing (a few training steps) has no recall to lose: at chance is no collapse
+    unlearned = row("hybrid", "mlp", 105.0, 25.0, chance=14.3, floor=25.0)
+    result = claim_skip_collapses([standard, unlearned, row("skip", "mlp", 110.0, 24.0, chance=14.3, floor=25.0)])
+    assert result.verdict == CANNOT_TELL and "learned no recall to lose" in result.evidence
+    assert claim_skip_collapses([standard, unlearned, row("skip", "mlp", 900.0, 24.0)]).verdict == AGREES
     seed = row("standard", "standard", 140.0, 95.0)  # standard again with another seed: ppl 1.4× the first's
     seed.seed = 1
     widened = claim_hybrids_match([*far, seed])

@@ -469,26 +469,32 @@ def claim_skip_collapses(rows: list[Row]) -> Claim:
     skips = [row for row in rows if row.group == "skip"]
     if not skips:
         return Claim(statement, source, NOT_STUDIED, "no skip rows")
-    parts, survivors = [], []
+    parts, survivors, unlearned = [], [], []
     for row in skips:
         hybrid = _find(rows, "hybrid", row.mixer)
         ratio = _ppl_ratio(row, hybrid)
         floor = row.recall_floor
-        recall_collapsed = None if row.recall.value is None or floor is None else _at_chance(row.recall, floor)
-        collapsed = (ratio is not None and ratio >= COLLAPSE_PPL_RATIO) or recall_collapsed is True
+        recall_collapsed = None  # recall can only be lost by a hybrid that learned it
+        if row.recall.value is not None and floor is not None and hybrid is not None and not _untrained(hybrid):
+            recall_collapsed = _at_chance(row.recall, floor)
         parts.append(_versus(row, ratio, " of its hybrid", digits=1))
-        if not collapsed:
-            survivors.append(row.mixer)
+        if (ratio is not None and ratio >= COLLAPSE_PPL_RATIO) or recall_collapsed is True:
+            continue
+        (unlearned if recall_collapsed is None else survivors).append(row.mixer)
     evidence = "; ".join(parts) + (
         f" (collapse = ppl ≥ {COLLAPSE_PPL_RATIO:.0f}× the hybrid's, or MQAR down to the no-recall floor: the "
         "better of chance and guessing among the values in the context)"
     )
-    return Claim(
-        statement,
-        source,
-        DISAGREES if survivors else AGREES,
-        evidence + (f"; survives: {', '.join(survivors)}" if survivors else ""),
-    )
+    if survivors:
+        return Claim(statement, source, DISAGREES, evidence + f"; survives: {', '.join(survivors)}")
+    if unlearned:
+        return Claim(
+            statement,
+            source,
+            CANNOT_TELL,
+            evidence + f"; the hybrid learned no recall to lose, and its ppl did not collapse: {', '.join(unlearned)}",
+        )
+    return Claim(statement, source, AGREES, evidence)
 
 
 def claim_form_relaxable(rows: list[Row]) -> Claim:
