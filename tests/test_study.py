@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from attnlab import cli
 from attnlab.config import PLACEMENTS, resolve_layer_pattern
@@ -271,6 +274,71 @@ def test_a_killed_study_resumes_where_it_stopped(tmp_path):
     assert_complete(out, mini_study())
 
 
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is `pid`, from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while being read
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+def _start_cli_study(out: Path) -> tuple[subprocess.Popen, list[int]]:
+    """`attnlab study` of a shrunken quick preset, until its workers are running a stage; its children."""
+    command = [sys.executable, "-m", "attnlab", "study", "--preset", "quick", "--mixers", "mlp", "--max-steps", "200"]
+    process = subprocess.Popen(
+        [*command, "--out", str(out), "--jobs", "2"], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob("runs/*/study/log.txt")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.stderr.read()
+    children = _children(process.pid)
+    assert len(children) >= 2  # two workers (and the resource tracker)
+    return process, children
+
+
+def _wait_until_gone(pids: list[int], seconds: float = 30) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _alive(pids)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; workers die with the study on Linux")
+def test_a_study_killed_alone_leaves_no_worker_behind(tmp_path):
+    process, workers = _start_cli_study(tmp_path / "alone")
+    os.kill(process.pid, signal.SIGKILL)  # the study process only, not its group
+    process.wait()
+    assert _wait_until_gone(workers) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_stops_a_study_with_one_line(tmp_path):
+    process, workers = _start_cli_study(tmp_path / "interrupted")
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("attnlab: interrupted; the same command with --resume")
+    assert _wait_until_gone(workers) == []
+
+
 def test_the_submitit_local_executor_runs_the_same_study(tmp_path):
     out = tmp_path / "submitit"
     result = run_study(mini_study(), out, jobs=2, executor="submitit-local", progress=False)
@@ -302,6 +370,10 @@ def test_a_failing_stage_is_reported_and_retried_on_resume(tmp_path):
 def test_dry_run_marks_finished_runs(finished):
     text = dry_run_text(load_study(finished), finished)
     assert text.count("(done)") == 2 and "(to do)" not in text
+    corpus, recall = mini_study().runs
+    changed = Study("mini", [dataclasses.replace(corpus, train={**corpus.train, "max_steps": 5}), recall])
+    text = dry_run_text(changed, finished)  # the folder holds the 3-step run, not this one
+    assert "# corpus-standard  [corpus, uniform:standard]  (to do)" in text and text.count("(done)") == 1
 
 
 # ------------------------------------------------------------------------------------------------- claims
@@ -521,3 +593,11 @@ def test_study_cli_bad_input_is_one_line(tmp_path, capsys):
     assert "is not empty and holds no study" in capsys.readouterr().err
     assert cli.main(["study", "--jobs", "0", "--out", str(tmp_path / "new")]) == 2
     assert "--jobs must be at least 1" in capsys.readouterr().err
+    if shutil.which("sbatch") is None:
+        assert cli.main(["study", "--mixers", "mlp", "--executor", "slurm", "--out", str(tmp_path / "slurm")]) == 2
+        assert "--executor slurm needs Slurm's sbatch" in capsys.readouterr().err
+        assert not (tmp_path / "slurm").exists()  # refused before anything was written
+    if not torch.cuda.is_available():
+        assert cli.main(["study", "--mixers", "mlp", "--device", "cuda", "--out", str(tmp_path / "cuda")]) == 2
+        assert "no usable CUDA device" in capsys.readouterr().err
+        assert not (tmp_path / "cuda").exists()

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,22 @@ def test_unknown_preset_and_resume_mismatch_are_one_line_errors(corpus, uninterr
     assert "already holds a run" in capsys.readouterr().err
     assert main(tiny_train_args(corpus, tmp_path / "nothing", "--resume")) == 2
     assert "holds no run" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_training_with_one_line(corpus, tmp_path):
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "attnlab", *tiny_train_args(corpus, out, "--max-steps", "100000")]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "attnlab: interrupted; the same command with --resume continues from what was saved"
+    )
 
 
 def test_a_run_that_saved_nothing_starts_again(corpus, uninterrupted, tmp_path):

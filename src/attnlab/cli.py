@@ -499,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"attnlab: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = "; the same command with --resume continues from what was saved" if hasattr(args, "resume") else ""
+        print(f"\nattnlab: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

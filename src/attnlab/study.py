@@ -42,6 +42,8 @@ import fcntl
 import json
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -345,9 +347,11 @@ def format_command(argv: Sequence[str], launcher: Sequence[str] = ("attnlab",)) 
 
 def dry_run_text(study: Study, out: Path) -> str:
     lines = [f"study {study.name}: {len(study.runs)} runs, {len(study.analyses)} analyses → {out}"]
+    saved = load_study(out) if (out / "study.json").is_file() else None
     for run in study.runs:
         stages = run.stages(run_folder(out, run))
-        state = "done" if stage_record(out, run, stages[-1][0]) else "to do"
+        same = saved is None or run in saved.runs  # a changed run's folder holds another run's results
+        state = "done" if same and stage_record(out, run, stages[-1][0]) else "to do"
         lines.append(f"\n# {run.name}  [{run.data}, {run.layers}]  ({state})")
         lines += [format_command(argv) for _, argv in stages]
     for analysis in study.analyses:
@@ -433,8 +437,6 @@ def _execute(argv: list[str], log: Path, subprocess_prefix: list[str]) -> int:
 def _prepare_training(folder: Path, argv: list[str]) -> list[str]:
     """Continue an interrupted training from its newest checkpoint, or restart one that saved none (its
     partial files go; the study's own files stay)."""
-    import shutil
-
     from .checkpoint import latest_checkpoint
 
     if latest_checkpoint(folder) is not None:
@@ -550,6 +552,24 @@ def _claim_folder(out: Path, study: Study, resume: bool) -> None:
     write_text_atomic(path, json.dumps(study.to_dict(), indent=1) + "\n")
 
 
+def _check_machine(study: Study, executor: str) -> None:
+    """Refuse, before anything is written, a study this machine cannot run: Slurm jobs without Slurm, CUDA
+    runs without a CUDA device."""
+    if executor == "slurm":
+        missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+        if missing:
+            raise ValueError(
+                f"--executor slurm needs Slurm's {' and '.join(missing)} on PATH (run it on the cluster's login "
+                "node), or use --executor local"
+            )
+    devices = {run.train.get("device") for run in study.runs}
+    if any(str(device).startswith("cuda") for device in devices) and executor != "slurm":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: this machine has no usable CUDA device; use --device cpu or auto")
+
+
 def run_study(
     study: Study,
     out: str | Path,
@@ -571,29 +591,45 @@ def run_study(
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose {', '.join(EXECUTORS)}")
+    _check_machine(study, executor)
     out = Path(out).resolve()
     _claim_folder(out, study, resume)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     tasks = [(execute_run, run.name) for run in study.runs]
     failed: list[str] = []
     bar = tqdm(total=len(tasks) + len(study.analyses), desc=f"study {study.name}", unit="run", disable=not progress)
-    for batch in (tasks, [(execute_analysis, analysis.name) for analysis in study.analyses]):
-        for result in _map(batch, str(out), jobs, threads, executor, slurm or {}, out / "submitit"):
-            name = result["name"]
-            if result["failed"]:
-                failed.append(name)
-                bar.write(f"attnlab: {name} failed ({result['failed']}); see {result['log']}")
-            else:
-                stages = result.get("stages", {})
-                timing = ", ".join(
-                    f"{stage} " + ("reused" if record.get("reused") else f"{record['seconds']:.0f} s")
-                    for stage, record in stages.items()
-                )
-                bar.write(f"{name}: {timing or 'done'}")
-            bar.update(1)
-    bar.close()
+    try:
+        for batch in (tasks, [(execute_analysis, analysis.name) for analysis in study.analyses]):
+            for result in _map(batch, str(out), jobs, threads, executor, slurm or {}, out / "submitit"):
+                name = result["name"]
+                if result["failed"]:
+                    failed.append(name)
+                    bar.write(f"attnlab: {name} failed ({result['failed']}); see {result['log']}")
+                else:
+                    stages = result.get("stages", {})
+                    timing = ", ".join(
+                        f"{stage} " + ("reused" if record.get("reused") else f"{record['seconds']:.0f} s")
+                        for stage, record in stages.items()
+                    )
+                    bar.write(f"{name}: {timing or 'done'}")
+                bar.update(1)
+    finally:  # before any error message: a bar drawn after it would hide it
+        bar.close()
     report = write_report(out, study)
     return {"failed": failed, "report": str(report)}
+
+
+def _worker_setup(parent_pid: int) -> None:
+    """In each local pool worker: leave Ctrl-C to the study process (which stops the workers itself) and,
+    on Linux, die with it, so that a study killed by SIGKILL or SIGTERM leaves no worker behind."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the study process died before the line above took effect
+        os._exit(1)
 
 
 def _map(tasks, out: str, jobs: int, threads: int, executor: str, slurm: dict, logs: Path) -> Iterator[dict]:
@@ -601,7 +637,13 @@ def _map(tasks, out: str, jobs: int, threads: int, executor: str, slurm: dict, l
     if executor == "local":
         import multiprocessing
 
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(
+            max_workers=jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_setup,
+            initargs=(os.getpid(),),
+        )
+        try:
             pending: set[Future] = set()
             queue = list(tasks)
             while queue or pending:
@@ -611,6 +653,12 @@ def _map(tasks, out: str, jobs: int, threads: int, executor: str, slurm: dict, l
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     yield future.result()
+        except BaseException:  # Ctrl-C, or an error here: stop the stages in flight (--resume redoes them)
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         return
     yield from _map_submitit(tasks, out, jobs, threads, executor, slurm, logs)
 
