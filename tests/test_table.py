@@ -132,3 +132,20 @@ def test_the_nlu_average_covers_the_nlu_columns_shown():
     nlu = headers.index("NLU avg")
     assert random_row.split("|")[3:-1][nlu].strip() == f"{(25 + 50 + 50 + 25 + 50 + 25) / 6:.1f}"  # no PIQA's 50
     assert standard_row.split("|")[3:-1][nlu].strip() == "50.0"
+
+
+def test_table_cli_writes_md_and_csv_and_refuses_a_missing_folder(tmp_path, capsys):
+    from attnlab.cli import main
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(make_record(["standard"] * 2, NLU)))
+    assert main(["table", str(results), "--out", str(tmp_path / "t1")]) == 0
+    assert (tmp_path / "t1.md").read_text().startswith("|") and (tmp_path / "t1.csv").is_file()
+    capsys.readouterr()
+    assert main(["table", str(results), "--out", str(tmp_path / "nowhere" / "t1")]) == 2
+    output = capsys.readouterr()
+    assert output.out == ""  # refused before the table is printed
+    assert (
+        output.err.strip()
+        == f"attnlab: error: --out {tmp_path / 'nowhere' / 't1'}: folder {tmp_path / 'nowhere'} does not exist"
+    )

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from . import presets
 
@@ -151,8 +152,6 @@ def _batch_size(text: str) -> int | str:
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .evaluation import evaluate_checkpoint, resolve_tasks, results_json, write_samples
     from .runconfig import write_text_atomic
     from .table import markdown_table, ppl_context_table
@@ -165,9 +164,7 @@ def command_eval(args: argparse.Namespace) -> int:
     if args.ppl_contexts and not args.ppl_data:
         raise ValueError("--ppl-contexts needs --ppl-data FILE (a text file to measure perplexity on)")
     device = str(pick_device(args.device))
-    out = Path(args.out)
-    if out.parent and not out.parent.is_dir():
-        raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+    out = output_file(args.out)
     records = []
     for checkpoint in args.checkpoints:
         records.append(
@@ -195,19 +192,25 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_table(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def output_file(text: str) -> Path:
+    """An --out file path, refused at once (before any work) when its folder does not exist."""
+    out = Path(text)
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+    return out
 
+
+def command_table(args: argparse.Namespace) -> int:
     from .evaluation import load_records
     from .runconfig import write_text_atomic
     from .table import csv_table, markdown_table, ppl_context_table
 
+    prefix = output_file(args.out) if args.out else None
     records = [record for path in args.results for record in load_records(path)]
     contexts = ppl_context_table(records)
     markdown = markdown_table(records) + ("\nWord perplexity by context length:\n\n" + contexts if contexts else "")
     print(markdown, end="")
-    if args.out:
-        prefix = Path(args.out)
+    if prefix:
         write_text_atomic(prefix.with_suffix(".md"), markdown)
         write_text_atomic(prefix.with_suffix(".csv"), csv_table(records))
         print(f"attnlab: wrote {prefix.with_suffix('.md')} and {prefix.with_suffix('.csv')}", file=sys.stderr)
@@ -237,14 +240,13 @@ def command_analyze(args: argparse.Namespace) -> int:
 
 
 def command_recall(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .evaluation import evaluate_recall
     from .runconfig import write_text_atomic
     from .train import pick_device
 
     if len(args.checkpoints) != 1:
         raise ValueError("attnlab recall takes one checkpoint")
+    out = output_file(args.out)
     record = evaluate_recall(
         args.checkpoints[0],
         args.task,
@@ -253,7 +255,7 @@ def command_recall(args: argparse.Namespace) -> int:
         device=str(pick_device(args.device)),
         skip_nonstandard=args.skip_nonstandard,
     )
-    write_text_atomic(Path(args.out), json.dumps(record, indent=1) + "\n")
+    write_text_atomic(out, json.dumps(record, indent=1) + "\n")
     print(
         f"attnlab: {record['task']}: accuracy {100 * record['accuracy']:.1f} ± {100 * record['stderr']:.1f} % "
         f"(chance {100 * record['chance']:.1f} %) over {record['examples']} examples; written to {args.out}",
@@ -263,8 +265,6 @@ def command_recall(args: argparse.Namespace) -> int:
 
 
 def command_study(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .study import build_study, dry_run_text, run_study
 
     study = build_study(
