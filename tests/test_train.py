@@ -175,6 +175,7 @@ def test_two_cpu_processes_match_one_process(corpus, uninterrupted, tmp_path, pa
     for step in distributed:
         assert abs(distributed[step] - single[step]) < 1e-4, (step, distributed[step], single[step])
     AutoModelForCausalLM.from_pretrained(out)  # rank 0 wrote a plain, loadable final model
+    assert result.stderr.count("the trained model, its metrics and checkpoints are in") == 1  # rank 0 says it
 
 
 def test_fixedseqqk_takes_its_sequence_from_the_training_corpus(corpus, tmp_path):
@@ -214,8 +215,9 @@ def test_resume_compatibility_allows_budget_changes_only():
     check_resume_compatible(saved, resolve_run_config("cpu-tiny", train_overrides={"max_steps": 5000}))
     with pytest.raises(ValueError, match="train.lr: 0.002 in the checkpoint, 0.1 now"):
         check_resume_compatible(saved, resolve_run_config("cpu-tiny", train_overrides={"lr": 0.1}))
-    with pytest.raises(ValueError, match="model.layers"):
-        check_resume_compatible(saved, resolve_run_config("cpu-tiny", model_overrides={"layers": "uniform:mlp"}))
+    hybrid = resolve_run_config("cpu-tiny", model_overrides={"layers": "hybrid:mlp"})
+    with pytest.raises(ValueError, match="model.layers: 'hybrid:mlp' in the checkpoint, unset now"):
+        check_resume_compatible(hybrid.to_dict(), resolve_run_config("cpu-tiny"))  # --layers left out
 
 
 def test_paper_presets_carry_the_paper_hyperparameters():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -125,7 +126,8 @@ def command_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         print(f"attnlab: error: {error}", file=sys.stderr)
         return EXIT_DIVERGED
-    print(f"attnlab: the trained model, its metrics and checkpoints are in {out}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+        print(f"attnlab: the trained model, its metrics and checkpoints are in {out}", file=sys.stderr)
     return 0
 
 

@@ -135,6 +135,10 @@ def _build_train_config(values: dict[str, Any]) -> TrainConfig:
     return train
 
 
+def _shown(value: Any) -> str:
+    return "unset" if value is None else repr(value)
+
+
 def check_resume_compatible(saved: dict[str, Any], current: RunConfig) -> None:
     """Raise if a resumed run would not continue the same experiment."""
     now = current.to_dict()
@@ -142,11 +146,14 @@ def check_resume_compatible(saved: dict[str, Any], current: RunConfig) -> None:
     for key in sorted(set(saved.get("model", {})) | set(now["model"])):
         if saved.get("model", {}).get(key) != now["model"].get(key):
             differences.append(
-                f"model.{key}: {saved.get('model', {}).get(key)!r} in the checkpoint, {now['model'].get(key)!r} now"
+                f"model.{key}: {_shown(saved.get('model', {}).get(key))} in the checkpoint, "
+                f"{_shown(now['model'].get(key))} now"
             )
     for key, value in now["train"].items():
         if key not in RESUMABLE_CHANGES and saved.get("train", {}).get(key) != value:
-            differences.append(f"train.{key}: {saved.get('train', {}).get(key)!r} in the checkpoint, {value!r} now")
+            differences.append(
+                f"train.{key}: {_shown(saved.get('train', {}).get(key))} in the checkpoint, {_shown(value)} now"
+            )
     if differences:
         raise ValueError(
             "cannot resume: the run in this folder was made with a different configuration ("
