@@ -48,7 +48,7 @@ def test_bench_writes_well_formed_results(tmp_path, monkeypatch):
         decode_tokens=2,
         matmul_size=256,
     )
-    run_bench(settings, tmp_path)
+    assert run_bench(settings, tmp_path)["files"] == ["bench.json", "bench.md", "decode.png"]
     results = json.loads((tmp_path / "bench.json").read_text())
     assert {"environment", "settings", "config", "train", "prefill", "decode", "decode_spread", "cache"} <= set(results)
     assert results["environment"]["threads"] == 1 and results["environment"]["torch"] == torch.__version__
@@ -71,6 +71,39 @@ def test_bench_writes_well_formed_results(tmp_path, monkeypatch):
     assert "Memory allocator environment: " in markdown and "MALLOC_TOP_PAD_=1000000" in markdown
     assert "| standard |" in markdown and "Qwen2" in markdown
     assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# The smallest run of one section: a second or two on one CPU thread.
+TINY_BENCH = {
+    "model_overrides": TINY_MODEL,
+    "mixers": ("mlp",),
+    "contexts": (8,),
+    "repeats": 1,
+    "warmup": 0,
+    "threads": 1,
+    "train_batch_size": 2,
+    "train_seq_len": 16,
+    "decode_tokens": 1,
+    "matmul_size": 64,
+}
+
+
+@pytest.mark.parametrize("section", ["train", "prefill", "cache"])
+def test_a_bench_without_decode_names_only_the_files_it_wrote(tmp_path, section):
+    results = run_bench(BenchSettings(**TINY_BENCH, sections=(section,)), tmp_path)
+    assert results["files"] == ["bench.json", "bench.md"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == results["files"]  # no decode.png
+
+
+def test_the_hf_comparison_shows_the_standard_row_it_divides_by(tmp_path):
+    results = run_bench(BenchSettings(**TINY_BENCH, sections=("train",), against_hf=True), tmp_path)
+    train = results["train"]
+    assert list(train["mixers"]) == ["standard", "mlp"]  # standard measured for the ratio, so reported
+    assert train["attnlab_tokens_per_s"] == train["mixers"]["standard"]["tokens_per_s"]
+    assert results["settings"]["mixers"] == ["mlp"]  # what was asked for: prefill/decode/cache measure only it
+    rows = [line.split(" | ")[0] for line in (tmp_path / "bench.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows == ["| model", "| standard", "| mlp", "| hf_qwen2 (sdpa)"]
+    assert json.loads((tmp_path / "bench.json").read_text())["train"]["mixers"].keys() == {"standard", "mlp"}
 
 
 def test_bench_cli_rejects_unknown_mixer(tmp_path, capsys):

@@ -377,6 +377,56 @@ def test_a_task_that_needs_the_network_says_so(checkpoint, tmp_path, capsys):
     assert "Hugging Face Hub, which is unreachable" in error or "could not be loaded" in error
 
 
+def test_a_task_that_fails_to_build_is_not_blamed_on_the_hub(checkpoint, tmp_path, capsys, monkeypatch):
+    import attnlab.data.hub
+
+    # The Hub unreachable, as offline: only a failure to fetch data is blamed on it, not a template error.
+    monkeypatch.setattr(attnlab.data.hub, "hub_unreachable_reason", lambda: "https://hub.test: no network")
+    data = tmp_path / "colours.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in LOCAL_TASK_DOCS))
+    undefined_field = tmp_path / "mytask.yaml"
+    undefined_field.write_text(
+        LOCAL_TASK_YAML.replace("local_colours", "mytask")
+        .replace("{{{{question}}}}", "{{{{premise}}}}")
+        .format(data=data)
+    )
+    error = _one_line_error(capsys, ["eval", str(checkpoint), "--tasks", str(undefined_field)])
+    assert (
+        error == "attnlab: error: task 'mytask' failed to build: UndefinedError: 'premise' is undefined; check its YAML"
+    )
+    hub_task = tmp_path / "hub_task.yaml"
+    hub_task.write_text(
+        "task: hub_task\ndataset_path: attnlab-tests/no-such-dataset\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n"
+    )
+    error = _one_line_error(capsys, ["eval", str(checkpoint), "--tasks", str(hub_task)])
+    assert error.startswith(
+        "attnlab: error: task 'hub_task' needs data from the Hugging Face Hub, which is unreachable "
+        "(https://hub.test: no network), and it is not in the local cache (ConnectionError: "
+    )
+
+
+def test_only_errors_from_the_hub_client_are_blamed_on_the_hub():
+    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
+    from huggingface_hub.errors import OfflineModeIsEnabled
+    from jinja2.exceptions import UndefinedError
+
+    from attnlab.evaluation import _is_hub_error
+
+    def raised_from(cause: BaseException) -> BaseException:
+        try:
+            raise RuntimeError("the harness wraps it") from cause
+        except RuntimeError as error:
+            return error
+
+    assert _is_hub_error(ConnectionError("Couldn't reach 'x/y' on the Hub (OfflineModeIsEnabled)"))
+    assert _is_hub_error(raised_from(OfflineModeIsEnabled("offline")))
+    assert _is_hub_error(DatasetNotFoundError("Dataset 'x/y' doesn't exist on the Hub"))  # Hub reachable: its answer
+    assert not _is_hub_error(UndefinedError("'premise' is undefined"))
+    assert not _is_hub_error(FileNotFoundError("Unable to find '/data/missing.jsonl'"))  # a local file
+    assert not _is_hub_error(DataFilesNotFoundError("No (supported) data files found in /data"))
+
+
 def test_ppl_contexts_need_data(checkpoint, capsys):
     assert "needs --ppl-data" in _one_line_error(capsys, ["eval", str(checkpoint), "--ppl-contexts", "16,32"])
 
@@ -412,4 +462,24 @@ def test_a_continuation_longer_than_the_window_is_refused_in_one_line(checkpoint
         capsys, ["eval", str(checkpoint), "--tasks", str(task), "--max-length", "16", "--out", str(tmp_path / "r.json")]
     )
     assert "does not fit the 16-token window; raise --max-length" in error
+    assert not (tmp_path / "r.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ recall
+
+
+def test_recall_of_a_missing_checkpoint_says_it_does_not_exist(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    error = _one_line_error(capsys, ["recall", str(missing), "--out", str(tmp_path / "r.json")])
+    assert error == f"attnlab: error: checkpoint {missing} does not exist"
+
+
+def test_recall_tells_a_bad_task_from_a_run_not_trained_on_one(checkpoint, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "r.json")]
+    error = _one_line_error(capsys, ["recall", str(checkpoint), "--task", "bogus:x=1", *out])
+    assert error == "attnlab: error: unknown synthetic task 'bogus' in 'bogus:x=1'; valid tasks: mqar, induction"
+    error = _one_line_error(capsys, ["recall", str(checkpoint), "--task", "mqar:keys=4", *out])
+    assert "bad option 'keys=4' in synthetic task 'mqar:keys=4'" in error
+    error = _one_line_error(capsys, ["recall", str(checkpoint), *out])  # trained on a corpus, no --task
+    assert f"{checkpoint} was not trained on a synthetic task (train.data = " in error
     assert not (tmp_path / "r.json").exists()

@@ -2,11 +2,13 @@
 
     results = run_bench(BenchSettings(preset="cpu-tiny", against_hf=True), "bench")
 
-writes `bench/bench.json`, `bench/bench.md` and `bench/decode.png`. Four sections, each optional:
+writes `bench/bench.json`, `bench/bench.md` and, with the decode section, `bench/decode.png`; `results["files"]`
+names the files written. Four sections, each optional:
 
   train    tokens/s of a full optimizer step as the trainer takes it (fused loss, backward, clip, AdamW),
            one `uniform:<mixer>` model per mixer, and with `against_hf` transformers' `Qwen2ForCausalLM`
-           (sdpa) holding the standard model's weights; all models take turns in the same process, and
+           (sdpa) holding the standard model's weights (the standard model is then measured and reported
+           even when it is not among the mixers); all models take turns in the same process, and
            model FLOPs utilisation is taken against a square fp32 matmul timed in the same run.
   prefill  seconds (and peak memory) of the cached forward over a context of L tokens — what `generate`
            runs first. rndembqk/fixedseqqk get their shadow Q/K tables before the clock starts (they are
@@ -263,7 +265,7 @@ def bench_train(settings: BenchSettings, device: torch.device, peak_flops: float
         "steps_per_turn": settings.train_steps,
         "repeats": settings.repeats,
         "warmup_steps": settings.warmup,
-        "mixers": {name: summary(name) for name in settings.mixers},
+        "mixers": {name: summary(name) for name in names},  # with against_hf, standard too: the ratio's base
     }
     if settings.against_hf:
         result["hf_qwen2"] = summary("hf_qwen2")
@@ -424,7 +426,9 @@ def bench_inference(settings: BenchSettings, device: torch.device) -> dict:
 
 
 def run_bench(settings: BenchSettings, out_dir: str | Path) -> dict:
-    """Measure the requested sections; write OUT/bench.json, OUT/bench.md and OUT/decode.png; return the dict."""
+    """Measure the requested sections; write OUT/bench.json, OUT/bench.md and, when the decode section was
+    measured, OUT/decode.png. Returns the results (as in bench.json) plus "files": the names of the files
+    written in OUT."""
     from .train import pick_device
 
     settings.check()
@@ -475,11 +479,13 @@ def run_bench(settings: BenchSettings, out_dir: str | Path) -> dict:
     results["seconds"] = time.perf_counter() - began
     write_text_atomic(out_dir / "bench.json", json.dumps(results, indent=2, default=str) + "\n")
     write_text_atomic(out_dir / "bench.md", bench_markdown(results))
+    files = ["bench.json", "bench.md"]
     if "decode" in results:
         decode_figure(
             results["decode"], out_dir / "decode.png", title=f"{settings.preset}, {results['environment']['device']}"
         )
-    return results
+        files.append("decode.png")
+    return {**results, "files": files}
 
 
 def _bytes(value: float) -> str:

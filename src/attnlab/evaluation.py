@@ -178,6 +178,24 @@ def find_tokenizer_folder(path: Path) -> Path:
     raise ValueError(f"no tokenizer next to checkpoint {path} (nor in {path.parent}); attnlab train saves one in --out")
 
 
+def check_checkpoint(path: Path) -> None:
+    """ValueError with one line unless `path` is a complete attnlab checkpoint folder (config and weights);
+    reads no weights."""
+    config_file = path / "config.json"
+    if not path.exists():
+        raise ValueError(f"checkpoint {path} does not exist")
+    if not config_file.is_file():
+        raise ValueError(f"{path} has no config.json; give a training output folder or its checkpoint-<step> folder")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"{config_file} is not a JSON model config") from None
+    if model_type != "attnlab":
+        raise ValueError(f"{path} holds a {model_type!r} model, not an attnlab one (model_type 'attnlab')")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ValueError(f"{path} has a config but no weights (*.safetensors); the save did not finish")
+
+
 def load_checkpoint(
     checkpoint: str | Path,
     device: str = "cpu",
@@ -196,19 +214,7 @@ def load_checkpoint(
     import attnlab  # noqa: F401  (registers the attnlab model type with the Auto classes)
 
     path = Path(checkpoint)
-    config_file = path / "config.json"
-    if not path.exists():
-        raise ValueError(f"checkpoint {path} does not exist")
-    if not config_file.is_file():
-        raise ValueError(f"{path} has no config.json; give a training output folder or its checkpoint-<step> folder")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise ValueError(f"{config_file} is not a JSON model config") from None
-    if model_type != "attnlab":
-        raise ValueError(f"{path} holds a {model_type!r} model, not an attnlab one (model_type 'attnlab')")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ValueError(f"{path} has a config but no weights (*.safetensors); the save did not finish")
+    check_checkpoint(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(find_tokenizer_folder(path)) if with_tokenizer else None
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -354,6 +360,8 @@ def check_tasks(manager, selection: TaskSelection) -> str | None:
                 manager.load([name])
         except Exception as error:  # noqa: BLE001  (the harness and datasets raise anything here)
             reason = _first_line(error)
+            if not _is_hub_error(error):
+                raise ValueError(f"task {name!r} failed to build: {reason}; check its YAML") from None
             if unreachable:
                 raise ValueError(
                     f"task {name!r} needs data from the Hugging Face Hub, which is unreachable ({unreachable}), "
@@ -362,6 +370,37 @@ def check_tasks(manager, selection: TaskSelection) -> str | None:
                 ) from None
             raise ValueError(f"task {name!r} could not be loaded: {reason}") from None
     return unreachable
+
+
+def _is_hub_error(error: BaseException) -> bool:
+    """Whether an error, or one it was raised from, comes from fetching data through the Hub client: a
+    connection failure (`datasets` reports an unreachable Hub or offline mode as ConnectionError), a
+    timeout, a file missing from huggingface_hub's cache, or the Hub's answer (no such dataset, gated, an
+    HTTP error). A template, YAML or local-file error is not."""
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    hub_errors: tuple[type[BaseException], ...] = (
+        ConnectionError,
+        TimeoutError,
+        LocalEntryNotFoundError,
+        HfHubHTTPError,
+        DatasetNotFoundError,
+    )
+    try:  # the Hub client's HTTP library, in the huggingface_hub versions that use httpx
+        from huggingface_hub.utils import httpx
+
+        hub_errors += (httpx.TransportError,)
+    except (ImportError, AttributeError):
+        pass
+    seen: set[int] = set()  # a chain can loop back on itself
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, hub_errors):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _is_ours(name: str, selection: TaskSelection) -> bool:
@@ -488,25 +527,29 @@ def evaluate_recall(
 
     `task_spec` defaults to the task the run was trained on (its `train.data`); the sequence length and the
     seed are the run's. Returns {"task", "accuracy", "stderr", "chance", "context_guess" (the accuracy of
-    guessing among the values in the context), counts…, "attnlab": metadata}.
+    guessing among the values in the context), counts…, "attnlab": metadata}. Bad input (a missing
+    checkpoint, a bad `task_spec`, a run trained on a corpus and no `task_spec`) is a one-line ValueError
+    before any weights are read.
     """
+    import transformers
+
     from .synthetic import is_task_spec, parse_task_spec, recall_accuracy
 
     path = Path(checkpoint)
+    check_checkpoint(path)
     train = run_settings(path).get("train") or {}
-    spec = task_spec or train.get("data")
-    if not spec or not is_task_spec(spec):
+    spec = task_spec if task_spec is not None else train.get("data")
+    if task_spec is None and not (isinstance(spec, str) and is_task_spec(spec)):
         raise ValueError(
             f"{path} was not trained on a synthetic task (train.data = {spec!r}); give one with --task, "
             "e.g. --task mqar:pairs=8"
         )
+    config = transformers.AutoConfig.from_pretrained(path)
+    seq_len = trained_seq_len(path) or config.max_position_embeddings
+    task = parse_task_spec(spec, seq_len)  # a bad --task: one line (an unknown kind names the known ones)
+    if task.vocab_size > config.vocab_size:
+        raise ValueError(f"task {spec!r} uses {task.vocab_size} tokens but the model has {config.vocab_size}")
     loaded = load_checkpoint(path, device=device, skip_nonstandard=skip_nonstandard, with_tokenizer=False)
-    seq_len = loaded.trained_seq_len or loaded.model.config.max_position_embeddings
-    task = parse_task_spec(spec, seq_len)
-    if task.vocab_size > loaded.model.config.vocab_size:
-        raise ValueError(
-            f"task {spec!r} uses {task.vocab_size} tokens but the model has {loaded.model.config.vocab_size}"
-        )
     result = recall_accuracy(loaded.model, task, num_examples, batch_size, device, seed=int(train.get("seed", 0)))
     metadata = checkpoint_metadata(checkpoint, loaded, skip_nonstandard, device, "float32")
     return {
