@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,18 @@ import torch
 from attnlab import AttnLabConfig
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+
+
+@contextlib.contextmanager
+def ctrl_c_reaches_children():
+    """Processes started inside get SIGINT's default action (KeyboardInterrupt in Python) even when this
+    one ignores SIGINT, as under a shell that runs the tests in the background: exec keeps an ignored
+    signal ignored, but resets a handled one to its default."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def tiny_config(**overrides) -> AttnLabConfig:

@@ -301,10 +301,13 @@ def _alive(pids: list[int]) -> list[int]:
 
 def _start_cli_study(out: Path) -> tuple[subprocess.Popen, list[int]]:
     """`attnlab study` of a shrunken quick preset, until its workers are running a stage; its children."""
+    from .conftest import ctrl_c_reaches_children  # here: `mini_study` is also imported outside the package
+
     command = [sys.executable, "-m", "attnlab", "study", "--preset", "quick", "--mixers", "mlp", "--max-steps", "200"]
-    process = subprocess.Popen(
-        [*command, "--out", str(out), "--jobs", "2"], stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    with ctrl_c_reaches_children():
+        process = subprocess.Popen(
+            [*command, "--out", str(out), "--jobs", "2"], stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
     deadline = time.monotonic() + 120
     while not list(out.glob("runs/*/study/log.txt")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

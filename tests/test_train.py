@@ -20,6 +20,8 @@ import attnlab  # noqa: F401  (registers the Auto classes)
 from attnlab.cli import main
 from attnlab.runconfig import check_resume_compatible, resolve_run_config
 
+from .conftest import ctrl_c_reaches_children
+
 TINY_MODEL = [
     "--hidden-size",
     "32",
@@ -275,7 +277,8 @@ def test_ctrl_c_stops_training_with_one_line(corpus, tmp_path):
     out = tmp_path / "interrupted"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "attnlab", *tiny_train_args(corpus, out, "--max-steps", "100000")]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    with ctrl_c_reaches_children():
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
