@@ -11,9 +11,9 @@ about models the study does not train at all is listed once as not checked.
 the spread of standard's seeds when the study trains replicates and they differ by more, and MQAR within
 max(5, 2σ) points. A hybrid that is not close also gets its training-loss gap to standard in the middle
 and at the end of training (same data in the same order), beside that of standard's own replicates: a gap
-still narrowing would close with more tokens, a steady or widening one would not. A placement study (`placements:<mixer>`) also gets a section that judges every trained
-layer list this way and names the smallest evenly spread share of standard layers that rescues the mixer,
-with `figures/share_sweep.png`.
+still narrowing would close with more tokens, a steady or widening one would not. A placement study
+(`placements:<mixer>`) also gets a section that judges every trained layer list this way and names the
+smallest evenly spread share of standard layers that rescues the mixer, with `figures/share_sweep.png`.
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def window_losses(metrics: Path) -> tuple[float, ...] | None:
         return None
     means = []
     for start, stop in LOSS_WINDOWS:
-        window = losses[int(start * len(losses)) : max(int(stop * len(losses)), int(start * len(losses)) + 1)]
+        first = int(start * len(losses))
+        window = losses[first : max(int(stop * len(losses)), first + 1)]  # at least one step
         if not window:
             return None
         means.append(sum(window) / len(window))
