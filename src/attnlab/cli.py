@@ -482,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="measured training, prefill, decode and cache costs of the mixers beside their formulas (spec §8)",
         description="Training tokens/s (with --against-hf: beside transformers' Qwen2ForCausalLM, same weights, "
         "same process) and MFU; prefill time and memory, decode time per token and cache bytes per context "
-        "length, with the analytic costs. Writes OUT/bench.json, OUT/bench.md and, with the decode section, OUT/decode.png.",
+        "length, with the analytic costs. Writes OUT/bench.json, OUT/bench.md and, with the decode section, "
+        "OUT/decode.png.",
     )
     bench.add_argument("--preset", default="cpu-tiny", choices=presets.preset_names())
     bench.add_argument("--out", required=True, help="output folder")
