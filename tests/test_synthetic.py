@@ -15,6 +15,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 import attnlab  # noqa: F401  (registers the Auto classes)
 from attnlab import synthetic
+from attnlab.evaluation import load_checkpoint
 from attnlab.losses import IGNORE_INDEX
 from attnlab.runconfig import resolve_run_config
 from attnlab.synthetic import (
@@ -221,6 +222,8 @@ def test_train_on_mqar_logs_accuracy_and_saves_a_loadable_model(tmp_path):
     assert "data: mqar:pairs=3,queries=fill,vocab=24" in (out / "run_config.yaml").read_text()
     result = recall_accuracy(model, task, num_examples=8, batch_size=4, device="cpu")
     assert result["accuracy"] == pytest.approx(evaluated[-1]["eval_accuracy"])  # the same held-out set
+    with pytest.raises(ValueError, match=r"trained on the synthetic task 'mqar:.*score it with `attnlab recall"):
+        load_checkpoint(out)  # eval and analyze need text: they point to recall instead
 
 
 def test_resume_on_mqar_reproduces_every_loss(tmp_path, monkeypatch):

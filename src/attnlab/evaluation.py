@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import synthetic
 from .tasks import BUILTIN_TASKS, TASKS_DIR
 
 # Paper §5 and Table 1: seven zero-shot NLU tasks, then WikiText and LAMBADA (OpenAI).
@@ -175,6 +176,12 @@ def find_tokenizer_folder(path: Path) -> Path:
     for folder in (path, path.parent):
         if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
             return folder
+    data = (run_settings(path).get("train") or {}).get("data")
+    if isinstance(data, str) and synthetic.is_task_spec(data):
+        raise ValueError(
+            f"{path} was trained on the synthetic task {data!r}, which has no tokenizer or text; "
+            f"score it with `attnlab recall {path}`"
+        )
     raise ValueError(f"no tokenizer next to checkpoint {path} (nor in {path.parent}); attnlab train saves one in --out")
 
 
@@ -533,24 +540,24 @@ def evaluate_recall(
     """
     import transformers
 
-    from .synthetic import is_task_spec, parse_task_spec, recall_accuracy
-
     path = Path(checkpoint)
     check_checkpoint(path)
     train = run_settings(path).get("train") or {}
     spec = task_spec if task_spec is not None else train.get("data")
-    if task_spec is None and not (isinstance(spec, str) and is_task_spec(spec)):
+    if task_spec is None and not (isinstance(spec, str) and synthetic.is_task_spec(spec)):
         raise ValueError(
             f"{path} was not trained on a synthetic task (train.data = {spec!r}); give one with --task, "
             "e.g. --task mqar:pairs=8"
         )
     config = transformers.AutoConfig.from_pretrained(path)
     seq_len = trained_seq_len(path) or config.max_position_embeddings
-    task = parse_task_spec(spec, seq_len)  # a bad --task: one line (an unknown kind names the known ones)
+    task = synthetic.parse_task_spec(spec, seq_len)  # a bad --task: one line (an unknown kind names the known ones)
     if task.vocab_size > config.vocab_size:
         raise ValueError(f"task {spec!r} uses {task.vocab_size} tokens but the model has {config.vocab_size}")
     loaded = load_checkpoint(path, device=device, skip_nonstandard=skip_nonstandard, with_tokenizer=False)
-    result = recall_accuracy(loaded.model, task, num_examples, batch_size, device, seed=int(train.get("seed", 0)))
+    result = synthetic.recall_accuracy(
+        loaded.model, task, num_examples, batch_size, device, seed=int(train.get("seed", 0))
+    )
     metadata = checkpoint_metadata(checkpoint, loaded, skip_nonstandard, device, "float32")
     return {
         "task": spec,
