@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnlab import AttnLabForCausalLM
-from attnlab.bench import BenchSettings, layer_cache_bytes, new_cache, run_bench
+from attnlab.bench import BenchSettings, layer_cache_bytes, minor_page_faults, new_cache, run_bench, take_turns
 from attnlab.cli import main
 from attnlab.config import MIXER_NAMES
 from attnlab.mixers import MIXERS
@@ -57,7 +57,7 @@ def test_bench_writes_well_formed_results(tmp_path, monkeypatch):
     for key in ("attnlab_tokens_per_s", "hf_qwen2_tokens_per_s", "ratio"):
         assert math.isfinite(train[key]) and train[key] > 0
     for name in ("standard", "nonapprox"):
-        assert set(train["mixers"][name]) >= {"tokens_per_s", "mfu", "model_flops_per_step"}
+        assert set(train["mixers"][name]) >= {"tokens_per_s", "mfu", "model_flops_per_step", "page_faults_per_step"}
         for section in ("prefill", "decode", "cache"):
             assert set(results[section][name]) == {"8", "16"}
         for context in ("8", "16"):
@@ -69,7 +69,7 @@ def test_bench_writes_well_formed_results(tmp_path, monkeypatch):
     assert numbers and all(math.isfinite(value) and value >= 0 for value in numbers)
     markdown = (tmp_path / "bench.md").read_text()
     assert "Memory allocator environment: " in markdown and "MALLOC_TOP_PAD_=1000000" in markdown
-    assert "| standard |" in markdown and "Qwen2" in markdown
+    assert "| standard |" in markdown and "Qwen2" in markdown and "page faults / step" in markdown
     assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -160,3 +160,20 @@ def test_analytic_costs_match_hand_counts():
         shared = cost(name)
         assert (shared.prefill_flops, shared.decode_flops_per_token, shared.cache_bytes) == (1056, 384, 608)
         assert shared.precompute_flops == 4096 and cost(name, cached=False).prefill_flops == 1824
+
+
+@pytest.mark.skipif(minor_page_faults() is None, reason="the platform does not count page faults")
+def test_take_turns_counts_the_page_faults_of_each_step():
+    """A step that writes 64 MB of fresh memory faults its pages in (16384 pages of 4 KiB, or 32 huge pages);
+    a step that allocates nothing does not."""
+
+    def fresh_memory(_batch):
+        buffer = bytearray(64 * 2**20)  # zero-filled by the kernel, one fault per page on first touch
+        buffer[::4096] = b"\x01" * len(range(0, len(buffer), 4096))
+        return 0.0
+
+    times, faults = take_turns(
+        {"fresh": fresh_memory, "idle": lambda _batch: 0.0}, torch.zeros(1, 1), warmup=1, steps_per_turn=2, repeats=2
+    )
+    assert [len(turns) for turns in times.values()] == [2, 2] and len(faults["fresh"]) == len(faults["idle"]) == 4
+    assert min(faults["fresh"]) >= 32 and min(faults["fresh"]) > 4 * max(faults["idle"])

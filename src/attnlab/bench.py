@@ -181,14 +181,25 @@ def training_step(model: torch.nn.Module, fused_loss: bool) -> Callable[[torch.T
     return step
 
 
+def minor_page_faults() -> int | None:
+    """Minor page faults of this process so far: first touches of memory fresh from the kernel (None where
+    the platform does not count them)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def take_turns(
     steps: dict[str, Callable[[torch.Tensor], float]],
     batches: torch.Tensor,
     warmup: int,
     steps_per_turn: int,
     repeats: int,
-) -> dict[str, list[list[float]]]:
-    """Per model, the step times (seconds) of each of its `repeats` turns.
+) -> tuple[dict[str, list[list[float]]], dict[str, list[int]]]:
+    """Per model, the step times (seconds) of each of its `repeats` turns, and the minor page faults of
+    each timed step (empty where the platform does not count them).
 
     Every model first takes `warmup` untimed steps; then the models take turns, `steps_per_turn` timed
     steps each, the order rotating every round so that no model always follows the same one. On a shared
@@ -199,16 +210,19 @@ def take_turns(
         for index in range(warmup):
             steps[name](batches[index % len(batches)])
     times: dict[str, list[list[float]]] = {name: [] for name in names}
+    faults: dict[str, list[int]] = {name: [] for name in names}
     for repeat in range(repeats):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
             turn = []
             for index in range(steps_per_turn):
-                start = time.perf_counter()
+                faults_before, start = minor_page_faults(), time.perf_counter()
                 steps[name](batches[(repeat * steps_per_turn + index) % len(batches)])
                 turn.append(time.perf_counter() - start)
+                if faults_before is not None:
+                    faults[name].append(minor_page_faults() - faults_before)
             times[name].append(turn)
-    return times
+    return times, faults
 
 
 def model_forward_flops(config: AttnLabConfig, batch: int, seq_len: int) -> int:
@@ -243,7 +257,7 @@ def bench_train(settings: BenchSettings, device: torch.device, peak_flops: float
     generator = torch.Generator().manual_seed(settings.seed)
     vocab_size = configs[names[0]].vocab_size
     batches = torch.randint(0, vocab_size, (4, batch, seq_len), generator=generator).to(device)
-    times = take_turns(steps, batches, settings.warmup, settings.train_steps, settings.repeats)
+    times, faults = take_turns(steps, batches, settings.warmup, settings.train_steps, settings.repeats)
 
     def summary(name: str) -> dict:
         all_steps = [seconds for turn in times[name] for seconds in turn]
@@ -256,6 +270,7 @@ def bench_train(settings: BenchSettings, device: torch.device, peak_flops: float
             "median_step_s": median_step,
             "model_flops_per_step": flops_per_step,
             "mfu": flops_per_step / median_step / peak_flops,
+            "page_faults_per_step": statistics.median(faults[name]) if faults[name] else None,
         }
 
     result: dict = {
@@ -533,6 +548,7 @@ def bench_markdown(results: dict) -> str:
                 f"{row['tokens_per_s']:.0f}",
                 f"{row['tokens_per_s_min']:.0f}–{row['tokens_per_s_max']:.0f}",
                 f"{100 * row['mfu']:.1f}%",
+                "–" if row.get("page_faults_per_step") is None else f"{row['page_faults_per_step']:.0f}",
             ]
             for name, row in [
                 *train["mixers"].items(),
@@ -541,7 +557,9 @@ def bench_markdown(results: dict) -> str:
         ]
         parts.append(
             f"## Training (B={train['batch_size']}, L={train['seq_len']}, full AdamW step)\n\n"
-            + _table(["model", "tokens/s", "range", "MFU"], rows)
+            + _table(["model", "tokens/s", "range", "MFU", "page faults / step"], rows)
+            + "\nPage faults: minor faults of the process per timed step (median), each a first touch of memory "
+            "fresh from the kernel.\n"
         )
         if "ratio" in train:
             ratio = train["ratio_over_repeats"]
