@@ -209,3 +209,21 @@ def test_wrong_caches_are_refused_with_a_useful_message():
         cache = model(prompt, use_cache=True).past_key_values
         with pytest.raises(ValueError, match="use_cache=False"):
             model(prompt[:, :1], past_key_values=cache, output_attentions=True)
+
+
+@pytest.mark.parametrize("layers", ["uniform:standard", "hybrid:nonapprox"])
+def test_prompt_lookup_decoding_equals_greedy_where_states_can_be_rolled_back(layers):
+    """Assisted decoding crops rejected draft tokens from the cache: KV caches can, a running sum cannot —
+    unless its layer never runs (skip mode), so the skip model decodes like an all-standard one."""
+    model = _model(layers, skip_nonstandard=layers.startswith("hybrid"))
+    prompt = torch.tensor([[3, 5, 7, 3, 5, 7, 3, 5]])
+    greedy = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    assisted = model.generate(prompt, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(assisted, greedy)
+
+
+def test_prompt_lookup_decoding_is_refused_for_running_state_layers():
+    model = _model("hybrid:nonapprox")
+    prompt = torch.tensor([[3, 5, 7, 3, 5, 7, 3, 5]])
+    with pytest.raises(ValueError, match="cannot be rolled back"):
+        model.generate(prompt, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3)

@@ -16,9 +16,11 @@ from .conftest import tiny_config
 
 @pytest.mark.parametrize("num_key_value_heads", [4, 2, 1])
 @pytest.mark.parametrize("tied", [True, False])
-def test_all_standard_model_matches_qwen2(num_key_value_heads, tied):
-    """Weights load strictly into Qwen2ForCausalLM and the logits agree (fp32, ≤ 1e-4)."""
-    config = tiny_config(num_key_value_heads=num_key_value_heads, tie_word_embeddings=tied)
+@pytest.mark.parametrize("head_dim", [None, 16])
+def test_all_standard_model_matches_qwen2(num_key_value_heads, tied, head_dim):
+    """Weights load strictly into Qwen2ForCausalLM and the logits agree (fp32, ≤ 1e-4); an explicit head_dim
+    (16 × 4 heads in a width-32 model) carries over."""
+    config = tiny_config(num_key_value_heads=num_key_value_heads, tie_word_embeddings=tied, head_dim=head_dim)
     ours = AttnLabForCausalLM(config).eval()
     qwen = to_qwen2(ours)  # loads the weights strictly
     input_ids = torch.randint(0, config.vocab_size, (3, 17))
@@ -46,11 +48,13 @@ def test_hidden_states_follow_the_transformers_convention():
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_qk_norm_matches_qwen3():
-    config = tiny_config(qk_norm=True, attention_bias=False, num_key_value_heads=2, head_dim=16)
+@pytest.mark.parametrize("attention_bias", [False, True])
+def test_qk_norm_matches_qwen3(attention_bias):
+    """Qwen3's attention_bias also biases o_proj, which attnlab has without one: the export sets it to zero."""
+    config = tiny_config(qk_norm=True, attention_bias=attention_bias, num_key_value_heads=2, head_dim=16)
     ours = AttnLabForCausalLM(config).eval()
     for name, parameter in ours.named_parameters():  # make the norm weights non-trivial
-        if name.endswith(("q_norm.weight", "k_norm.weight")):
+        if name.endswith(("q_norm.weight", "k_norm.weight", "proj.bias")):
             parameter.data.uniform_(0.5, 1.5)
     qwen3 = to_qwen3(ours)  # loads the weights strictly
     assert type(qwen3).__name__ == "Qwen3ForCausalLM" and qwen3.config.head_dim == 16
@@ -212,3 +216,89 @@ def test_only_matching_models_export_to_qwen2_and_qwen3():
         to_qwen3(AttnLabForCausalLM(tiny_config()))
     with pytest.raises(ValueError, match="only an all-standard model is a Qwen3 model"):
         to_qwen3(AttnLabForCausalLM(tiny_config(layers="uniform:nonapprox", qk_norm=True)))
+
+
+def test_from_pretrained_overrides_are_checked_and_re_resolve_the_pattern(tmp_path):
+    """`from_pretrained(path, layers=…)` builds what it says and saves a model that loads again; a depth
+    that an explicit mixer list cannot cover is refused."""
+    AttnLabForCausalLM(tiny_config(layers="hybrid:nonapprox")).save_pretrained(tmp_path / "hybrid")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hybrid", layers="uniform:standard")
+    assert model.config.mixer_types == ["standard", "standard"]
+    assert [layer.mixer_type for layer in model.model.layers] == ["standard", "standard"]
+    model.save_pretrained(tmp_path / "resaved")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "resaved").config.mixer_types == ["standard", "standard"]
+    deeper = AutoConfig.from_pretrained(tmp_path / "hybrid", num_hidden_layers=4)
+    assert deeper.mixer_types == ["nonapprox", "standard", "nonapprox", "standard"]
+    AttnLabForCausalLM(tiny_config(mixer_types=["mlp", "standard"])).save_pretrained(tmp_path / "listed")
+    with pytest.raises(ValueError, match="names 2 mixers but the model has num_hidden_layers=3"):
+        AutoConfig.from_pretrained(tmp_path / "listed", num_hidden_layers=3)
+    with pytest.raises(ValueError, match="hidden_act must be 'silu'"):
+        AutoConfig.from_pretrained(tmp_path / "listed", hidden_act="gelu")
+
+
+def test_return_dict_false_gives_tuples():
+    model = AttnLabForCausalLM(tiny_config())
+    input_ids = torch.randint(0, 61, (2, 7))
+    output = model(input_ids, labels=input_ids)
+    loss, logits = model(input_ids, labels=input_ids, return_dict=False)
+    assert torch.equal(loss, output.loss) and torch.equal(logits, output.logits)
+    (hidden,) = model.model(input_ids, return_dict=False)
+    assert torch.equal(hidden, model.model(input_ids).last_hidden_state)
+
+
+@pytest.mark.parametrize(
+    "layers", [*(f"uniform:{mixer}" for mixer in MIXER_NAMES), "hybrid:rndembqk", "hybrid:staticembqk"]
+)
+def test_activation_checkpointing_recomputes_and_gives_the_same_gradients(layers):
+    """Every layer runs again in backward, and every parameter gets the gradient it gets without
+    checkpointing — the embeddings through static-embedding and shadow-stream paths included."""
+    torch.manual_seed(0)
+    plain = AttnLabForCausalLM(tiny_config(layers=layers)).train()
+    checkpointed = AttnLabForCausalLM(plain.config).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.activation_checkpointing_enable()
+    entered = []
+    for layer in checkpointed.model.layers:  # a pre-hook: recomputation may stop right after the MLP's last save
+        layer.mlp.register_forward_pre_hook(lambda *_: entered.append(1))
+    input_ids = torch.randint(0, 61, (2, 9))
+    plain(input_ids, labels=input_ids, return_logits=False).loss.backward()
+    loss = checkpointed(input_ids, labels=input_ids, return_logits=False).loss
+    forward_calls = len(entered)
+    loss.backward()
+    assert forward_calls > 0 and len(entered) == 2 * forward_calls  # every layer ran again in backward
+    for (name, expected), actual in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert (expected.grad is None) == (actual.grad is None), name
+        if expected.grad is not None:
+            torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_activation_checkpointing_refuses_reentrant_mode_and_a_training_cache():
+    model = AttnLabForCausalLM(tiny_config(layers="uniform:staticembqk"))
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        model.activation_checkpointing_enable({"use_reentrant": True})
+    model.activation_checkpointing_enable()
+    input_ids = torch.randint(0, 61, (1, 5))
+    with pytest.raises(ValueError, match="write the decode cache twice"):
+        model.train()(input_ids, use_cache=True)
+    model.eval()
+    assert model.generate(input_ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
+def test_a_folder_without_generation_config_still_decodes_with_the_cache(tmp_path):
+    AttnLabForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").unlink()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.config.use_cache is False  # the training default stays
+    output = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, return_dict_in_generate=True)
+    assert output.past_key_values is not None and output.past_key_values.get_seq_length() == 4
+
+
+def test_resizing_below_the_fixed_sequence_ids_is_refused():
+    model = AttnLabForCausalLM(tiny_config(layers="uniform:fixedseqqk"))
+    largest = int(model.model.shadow_token_ids.max())
+    with pytest.raises(ValueError, match=f"holds token id {largest}, outside a vocabulary of {largest}"):
+        model.resize_token_embeddings(largest)
+    assert model.config.vocab_size == 61  # nothing was changed
+    model.model.set_fixed_sequence(torch.arange(48) % 10, source="test")
+    model.resize_token_embeddings(10)
+    assert model.config.vocab_size == 10 and model(torch.randint(0, 10, (1, 48))).logits.shape == (1, 48, 10)

@@ -137,7 +137,7 @@ class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
                 self.recurrent_states[index] = function(self.recurrent_states[index])
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove != 0:
+        if tokens_to_remove != 0 and any(self.has_previous_state.values()):  # an empty state (a skipped layer) has none
             raise ValueError(
                 "a recurrent (approximate/nonapprox) decode state cannot be rolled back; "
                 "decode without assisted generation, or with use_cache=False"

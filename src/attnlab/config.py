@@ -185,7 +185,23 @@ class AttnLabConfig(PretrainedConfig):
             self.shadow_seq_len = self.max_position_embeddings
         if self.mixer_implementation not in ("fast", "reference"):
             raise ValueError(f"mixer_implementation must be 'fast' or 'reference', got {self.mixer_implementation!r}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act must be 'silu' (the SwiGLU MLP of Qwen2/Qwen3), got {self.hidden_act!r}")
         super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """transformers' `from_dict`, except that overrides of attnlab fields (`from_pretrained(path,
+        layers=...)`) go through the constructor and its checks; transformers would set them afterwards,
+        unchecked. An overridden `layers` or `num_hidden_layers` re-resolves the layer pattern, so the saved
+        `mixer_types` give way to it (a model saved with an explicit list and no pattern keeps its list and
+        is checked against the new depth)."""
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in cls.__annotations__}
+        config_dict = {**config_dict, **overrides}
+        repatterned = {"layers", "num_hidden_layers"} & overrides.keys() and "mixer_types" not in overrides
+        if repatterned and config_dict.get("layers") is not None:
+            config_dict.pop("mixer_types", None)
+        return super().from_dict(config_dict, **kwargs)
 
     def _check_shapes(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):

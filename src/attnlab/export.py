@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from .config import AttnLabConfig
@@ -21,8 +22,7 @@ def qwen3_config(config: AttnLabConfig, **overrides) -> Qwen3Config:
     """The `Qwen3Config` that computes the same function as an all-standard QK-norm attnlab config."""
     if not config.qk_norm:
         raise ValueError("only an all-standard model with QK-norm (qk_norm=True) is a Qwen3 model")
-    options = _backbone_options(config, "Qwen3")
-    options.update(head_dim=config.head_dim_resolved, attention_bias=config.attention_bias)
+    options = {**_backbone_options(config, "Qwen3"), "attention_bias": config.attention_bias}
     return Qwen3Config(**{**options, **overrides})
 
 
@@ -48,6 +48,7 @@ def _backbone_options(config: AttnLabConfig, family: str) -> dict:
         num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim_resolved,
         max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps,
         tie_word_embeddings=config.tie_word_embeddings,
@@ -59,5 +60,10 @@ def _backbone_options(config: AttnLabConfig, family: str) -> dict:
 
 
 def _load_into(twin, model):
-    twin.load_state_dict(model.state_dict(), strict=True)
+    state = model.state_dict()
+    for name, tensor in twin.state_dict().items():
+        if name.endswith("self_attn.o_proj.bias") and name not in state:
+            # Qwen3's attention_bias also biases o_proj, which attnlab (as Qwen2) has without one: zero is the same
+            state[name] = torch.zeros_like(tensor)
+    twin.load_state_dict(state, strict=True)
     return twin.train(model.training)

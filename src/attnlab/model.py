@@ -20,9 +20,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
 
 from .cache import AttnLabCache
 from .config import AttnLabConfig
@@ -61,8 +64,12 @@ class _StreamInputs:
     past_length: int = 0
 
 
-class AttnLabDecoderLayer(nn.Module):
-    """One pre-norm block; the mixer sits in the `self_attn` slot whatever its kind."""
+class AttnLabDecoderLayer(GradientCheckpointingLayer):
+    """One pre-norm block; the mixer sits in the `self_attn` slot whatever its kind.
+
+    With activation checkpointing on (`model.activation_checkpointing_enable()`) a training forward keeps only
+    the block's input and recomputes the rest in backward (transformers' `GradientCheckpointingLayer`).
+    """
 
     def __init__(self, config: AttnLabConfig, layer_idx: int) -> None:
         super().__init__()
@@ -108,6 +115,18 @@ class AttnLabPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["AttnLabDecoderLayer"]
     _supports_sdpa = True
     _supports_attention_backend = False
+    supports_gradient_checkpointing = True
+
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
+        """transformers' hook for `activation_checkpointing_enable`; refuses reentrant checkpointing, which
+        would cut the tensors a layer reads from outside its positional input (static embeddings,
+        shadow-stream states) out of the graph: their gradients would silently go missing."""
+        if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant"):
+            raise ValueError(
+                "attnlab layers read tensors besides their input (static embeddings, shadow-stream states), which "
+                "reentrant checkpointing cuts from the graph; enable it with use_reentrant=False (the default)"
+            )
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # Linear/Embedding: N(0, initializer_range); norms: ones
@@ -206,9 +225,10 @@ class AttnLabModel(AttnLabPreTrainedModel):
         )
         last_user = max(i for i, layer in enumerate(layers) if layer.self_attn.qk_source == source)
         states: dict[int, torch.Tensor] = {}
-        for layer in layers[: last_user + 1]:
+        for layer in layers[:last_user]:
             states[layer.layer_idx] = hidden
             hidden, _ = layer(hidden, stream)
+        states[layers[last_user].layer_idx] = hidden  # the last user needs only its input
         return states, positions
 
     def _check_shadow_length(self, seq_len: int) -> None:
@@ -241,6 +261,7 @@ class AttnLabModel(AttnLabPreTrainedModel):
                 tables = layer.self_attn.rotated_queries_keys(source_states, positions, reference)
                 cache.layers[layer.layer_idx].set_tables(*tables)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -253,7 +274,6 @@ class AttnLabModel(AttnLabPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_mixer_scores: bool = False,
         mixer_implementation: str | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> AttnLabModelOutput:
         """With `past_key_values` (an `AttnLabCache`, or a new one when `use_cache=True`) the inputs are the
@@ -268,6 +288,12 @@ class AttnLabModel(AttnLabPreTrainedModel):
             )
         use_cache = self.config.use_cache if use_cache is None else use_cache
         cache = past_key_values if past_key_values is not None else AttnLabCache(self.config) if use_cache else None
+        checkpointing = any(layer.gradient_checkpointing for layer in self.layers)
+        if cache is not None and checkpointing and self.training and torch.is_grad_enabled():
+            raise ValueError(
+                "activation checkpointing recomputes each layer in backward, which would write the decode "
+                "cache twice; train with use_cache=False, or call model.eval() to decode"
+            )
         past_length = 0 if cache is None else cache.get_seq_length()
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
         output_hidden_states = bool(
@@ -362,6 +388,32 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
         if self.generation_config is not None:
             self.generation_config.use_cache = True
 
+    def adjust_generation_fn(self, *args, **kwargs) -> None:
+        """`from_pretrained`'s hook for the generation config. A folder without generation_config.json gets
+        one built from config.json, whose `use_cache=False` is the training default: decode incrementally
+        then too, as a new model does."""
+        super().adjust_generation_fn(*args, **kwargs)
+        if self.generation_config is not None and self.generation_config._from_model_config:
+            self.generation_config.use_cache = True
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, **kwargs
+    ):
+        """transformers' resize, refused when the `fixedseqqk` fixed sequence holds ids the new vocabulary drops."""
+        token_ids = self.model.shadow_token_ids
+        if new_num_tokens is not None and token_ids is not None:
+            size = (
+                new_num_tokens
+                if not pad_to_multiple_of
+                else -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+            )
+            if int(token_ids.max()) >= size:
+                raise ValueError(
+                    f"the fixedseqqk fixed sequence holds token id {int(token_ids.max())}, outside a vocabulary of "
+                    f"{size}; set a new one first with model.model.set_fixed_sequence(ids, source)"
+                )
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         """`generate`'s hook for building the cache: an `AttnLabCache` (one state per layer, of its mixer's
         kind), instead of transformers' `DynamicCache`, which has no place for recurrent states."""
@@ -393,6 +445,7 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -407,7 +460,6 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
         output_mixer_scores: bool = False,
         mixer_implementation: str | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        return_dict: bool | None = None,
         return_logits: bool = True,
         **kwargs,
     ) -> AttnLabCausalLMOutput:
