@@ -130,6 +130,15 @@ def test_resume_after_sigkill_reproduces_every_loss(corpus, uninterrupted, tmp_p
     assert losses(out) == losses(uninterrupted)  # bit-identical on CPU, steps 5..12 recomputed from step 4
 
 
+def test_activation_checkpointing_trains_the_same_model(corpus, uninterrupted, tmp_path):
+    """Recomputing each layer in backward changes memory, not arithmetic: the same loss at every step."""
+    out = tmp_path / "checkpointed"
+    result = run_attnlab(tiny_train_args(corpus, out, "--activation-checkpointing"))
+    assert result.returncode == 0, result.stderr
+    assert losses(out) == losses(uninterrupted)
+    assert yaml.safe_load((out / "run_config.yaml").read_text())["train"]["activation_checkpointing"] is True
+
+
 def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(corpus, uninterrupted, tmp_path):
     out = tmp_path / "killed-saving"
     killed = run_attnlab(tiny_train_args(corpus, out), fault="kill-during-save:8")

@@ -105,7 +105,12 @@ TRAIN_FLAGS = {
     "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
     "--parallel": ("parallel", str, "under torchrun: auto | ddp | fsdp"),
 }
-TRAIN_SWITCHES = {"--compile": "compile", "--tensorboard": "tensorboard", "--wandb": "wandb"}
+TRAIN_SWITCHES = {
+    "--compile": "compile",
+    "--activation-checkpointing": "activation_checkpointing",
+    "--tensorboard": "tensorboard",
+    "--wandb": "wandb",
+}
 
 
 def command_train(args: argparse.Namespace) -> int:

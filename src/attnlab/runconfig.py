@@ -46,6 +46,7 @@ class TrainConfig:
     max_nonfinite_skips: int = 0  # batches with a non-finite loss/gradient to skip before stopping (0: stop at once)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each layer in backward: less memory, ~1/3 more compute
     parallel: str = "auto"  # auto | ddp | fsdp (only under torchrun)
     tensorboard: bool = True  # also log to OUT/tensorboard
     wandb: bool = False  # also log to Weights & Biases (needs `wandb` installed)
@@ -65,6 +66,7 @@ RESUMABLE_CHANGES = {
     "eval_every",
     "device",
     "compile",
+    "activation_checkpointing",
     "tensorboard",
     "wandb",
     "max_nonfinite_skips",

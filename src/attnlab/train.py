@@ -160,6 +160,8 @@ def _train(run: RunConfig, out: Path, resume: bool, devices: Devices) -> Path:
                 ids, source = attnlab_data.first_tokens(corpus, tokenizer, length), f"corpus:{corpus.description}"
             model.model.set_fixed_sequence(ids, source=source)
     model.to(devices.device)
+    if settings.activation_checkpointing:
+        model.activation_checkpointing_enable()
     raw_model = model
     sharded = devices.world_size > 1 and _resolve_parallel(settings.parallel, raw_model) == "fsdp"
     model = _parallelize(model, sharded, devices)
