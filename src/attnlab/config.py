@@ -193,14 +193,19 @@ class AttnLabConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict[str, Any], **kwargs):
         """transformers' `from_dict`, except that overrides of attnlab fields (`from_pretrained(path,
         layers=...)`) go through the constructor and its checks; transformers would set them afterwards,
-        unchecked. An overridden `layers` or `num_hidden_layers` re-resolves the layer pattern, so the saved
-        `mixer_types` give way to it (a model saved with an explicit list and no pattern keeps its list and
-        is checked against the new depth)."""
+        unchecked. A given `mixer_types` replaces the saved pattern; an overridden `layers` or
+        `num_hidden_layers` re-resolves the pattern, and the saved `mixer_types` give way to it (a model
+        saved with a list and no pattern keeps its list, checked against the new depth)."""
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in cls.__annotations__}
         config_dict = {**config_dict, **overrides}
-        repatterned = {"layers", "num_hidden_layers"} & overrides.keys() and "mixer_types" not in overrides
-        if repatterned and config_dict.get("layers") is not None:
-            config_dict.pop("mixer_types", None)
+        if "mixer_types" in overrides and "layers" not in overrides:
+            config_dict["layers"] = None  # the given list replaces the saved pattern
+        elif (
+            "mixer_types" not in overrides
+            and {"layers", "num_hidden_layers"} & overrides.keys()
+            and config_dict.get("layers")
+        ):
+            config_dict.pop("mixer_types", None)  # re-resolved from the pattern
         return super().from_dict(config_dict, **kwargs)
 
     def _check_shapes(self) -> None:
