@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from attnlab.evaluation import (
     evaluate_checkpoint,
     load_records,
     resolve_tasks,
+    results_json,
 )
 from attnlab.tasks import BUILTIN_TASKS
 
@@ -483,3 +485,92 @@ def test_recall_tells_a_bad_task_from_a_run_not_trained_on_one(checkpoint, tmp_p
     error = _one_line_error(capsys, ["recall", str(checkpoint), *out])  # trained on a corpus, no --task
     assert f"{checkpoint} was not trained on a synthetic task (train.data = " in error
     assert not (tmp_path / "r.json").exists()
+
+
+def test_unwritable_outputs_are_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
+    import attnlab.evaluation
+
+    monkeypatch.setattr(attnlab.evaluation, "run_harness", lambda *a, **k: pytest.fail("the evaluation ran"))
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    base = ["eval", str(checkpoint), "--tasks", "lastword", "--limit", "2"]
+    error = _one_line_error(capsys, [*base, "--out", str(folder)])
+    assert error == f"attnlab: error: --out {folder} is a folder; give a file path such as {folder / 'results.json'}"
+    error = _one_line_error(capsys, [*base, "--out", str(tmp_path / "r.json"), "--samples", str(tmp_path / "no/s")])
+    assert error == f"attnlab: error: --samples {tmp_path / 'no/s'}: folder {tmp_path / 'no'} does not exist"
+    two = ["eval", str(checkpoint), str(tmp_path / "nowhere"), "--tasks", "lastword", "--out", str(tmp_path / "r.json")]
+    error = _one_line_error(capsys, two)
+    assert error == f"attnlab: error: checkpoint {tmp_path / 'nowhere'} does not exist"  # checked before the first
+    assert "is a folder" in _one_line_error(capsys, ["recall", str(checkpoint), "--task", "mqar", "--out", str(folder)])
+    if Path("/proc/self").is_dir():  # a folder that exists but takes no new files
+        error = _one_line_error(capsys, [*base, "--out", "/proc/results.json"])
+        assert error.startswith("attnlab: error: --out /proc/results.json: cannot write in /proc (")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-folder"]  # no results, no temporary files
+
+
+def test_perplexity_inputs_are_checked_before_the_tasks_run(checkpoint, tmp_path, capsys, monkeypatch):
+    import attnlab.evaluation
+
+    monkeypatch.setattr(attnlab.evaluation, "run_harness", lambda *a, **k: pytest.fail("the evaluation ran"))
+    base = ["eval", str(checkpoint), "--tasks", "lastword", "--out", str(tmp_path / "r.json")]
+    error = _one_line_error(capsys, [*base, "--ppl-contexts", "16", "--ppl-data", str(tmp_path / "missing.txt")])
+    assert str(tmp_path / "missing.txt") in error
+    error = _one_line_error(capsys, [*base, "--ppl-contexts", "0", "--ppl-data", "heldout"])
+    assert error == "attnlab: error: context length 0 is outside 2..256 (the model's max_position_embeddings)"
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other-width"])
+def test_weights_that_cannot_be_read_give_one_line(checkpoint, tmp_path, capsys, damage):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken, ignore=shutil.ignore_patterns("checkpoint-*", "tensorboard"))
+    if damage == "truncated":  # an interrupted copy
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        config = json.loads((broken / "config.json").read_text())
+        (broken / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    for argv in (
+        ["eval", str(broken), "--tasks", "lastword", "--out", str(tmp_path / "r.json")],
+        ["recall", str(broken), "--task", "mqar:pairs=2,queries=2,vocab=64", "--out", str(tmp_path / "r.json")],
+    ):
+        error = _one_line_error(capsys, argv)
+        assert error.startswith(f"attnlab: error: checkpoint {broken}: the weights cannot be read or do not fit")
+
+
+def test_bad_batch_sizes_are_refused_by_the_parser(checkpoint, capsys):
+    for argv in (
+        ["eval", str(checkpoint), "--batch-size", "auto:0"],
+        ["eval", str(checkpoint), "--batch-size", "auto:abc"],
+        ["eval", str(checkpoint), "--batch-size", "0"],
+        ["recall", str(checkpoint), "--batch-size", "0"],
+        ["recall", str(checkpoint), "--num-examples", "-1"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_a_single_recall_example_has_no_standard_error(checkpoint, tmp_path, capsys):
+    out = tmp_path / "recall.json"
+    task = "mqar:pairs=2,queries=2,vocab=64"
+    assert main(["recall", str(checkpoint), "--task", task, "--num-examples", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["stderr"] is None  # strict JSON: no NaN
+    assert "± n/a %" in capsys.readouterr().err
+
+
+def test_table_reads_files_only_and_keeps_dots_in_its_prefix(record, tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(results_json([record]))
+    assert "is a folder; give a results file" in _one_line_error(capsys, ["table", str(tmp_path)])
+    assert main(["table", str(results), "--out", str(tmp_path / "table1_v1.0")]) == 0
+    assert {path.name for path in tmp_path.iterdir()} == {"results.json", "table1_v1.0.md", "table1_v1.0.csv"}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git, which the harness calls")
+def test_an_evaluation_outside_a_git_repository_prints_no_git_error(checkpoint, tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # lm-eval records `git describe` of the working folder
+    argv = ["eval", str(checkpoint), "--tasks", "lastword", "--limit", "2", "--out", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    assert "not a git repository" not in capfd.readouterr().err

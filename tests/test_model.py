@@ -302,3 +302,12 @@ def test_resizing_below_the_fixed_sequence_ids_is_refused():
     model.model.set_fixed_sequence(torch.arange(48) % 10, source="test")
     model.resize_token_embeddings(10)
     assert model.config.vocab_size == 10 and model(torch.randint(0, 10, (1, 48))).logits.shape == (1, 48, 10)
+
+
+def test_export_keeps_the_dtype():
+    ours = AttnLabForCausalLM(tiny_config()).to(torch.bfloat16)
+    qwen = to_qwen2(ours)
+    assert {parameter.dtype for parameter in qwen.parameters()} == {torch.bfloat16}
+    theirs = qwen.state_dict()
+    for name, expected in ours.state_dict().items():
+        assert torch.equal(theirs[name], expected), name

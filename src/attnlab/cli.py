@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -150,16 +152,28 @@ def _limit(text: str) -> int | float:
     return int(value) if value >= 1 and value.is_integer() else value
 
 
-def _batch_size(text: str) -> int | str:
-    if text == "auto" or text.startswith("auto:"):
-        return text  # the harness finds the largest batch that fits
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}")
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return int(text)
 
 
+def _batch_size(text: str) -> int | str:
+    """A positive integer, `auto` (the harness finds the largest batch that fits) or `auto:N` (and looks
+    again N times)."""
+    if text == "auto":
+        return text
+    if text.startswith("auto:"):
+        _positive_int(text.removeprefix("auto:"))
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, auto or auto:N, got {text!r}") from None
+
+
 def command_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate_checkpoint, resolve_tasks, results_json, write_samples
+    from .evaluation import check_checkpoint, evaluate_checkpoint, resolve_tasks, results_json, write_samples
     from .runconfig import write_text_atomic
     from .table import markdown_table, ppl_context_table
     from .train import pick_device
@@ -172,6 +186,10 @@ def command_eval(args: argparse.Namespace) -> int:
         raise ValueError("--ppl-contexts needs --ppl-data FILE (a text file to measure perplexity on)")
     device = str(pick_device(args.device))
     out = output_file(args.out)
+    if args.samples:
+        output_file(args.samples, "--samples")
+    for checkpoint in args.checkpoints:  # all of them before the first evaluation starts
+        check_checkpoint(Path(checkpoint))
     records = []
     for checkpoint in args.checkpoints:
         records.append(
@@ -199,11 +217,19 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def output_file(text: str) -> Path:
-    """An --out file path, refused at once (before any work) when its folder does not exist."""
+def output_file(text: str, flag: str = "--out") -> Path:
+    """An output file path, refused at once (before any work) unless it can be written: not a folder, in a
+    folder that exists and takes new files (the atomic write puts a temporary file beside it)."""
     out = Path(text)
+    if out.is_dir():
+        raise ValueError(f"{flag} {out} is a folder; give a file path such as {out / 'results.json'}")
     if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+        raise ValueError(f"{flag} {out}: folder {out.parent} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{flag} {out}: cannot write in {out.parent} ({error.strerror})") from None
     return out
 
 
@@ -212,15 +238,16 @@ def command_table(args: argparse.Namespace) -> int:
     from .runconfig import write_text_atomic
     from .table import csv_table, markdown_table, ppl_context_table
 
-    prefix = output_file(args.out) if args.out else None
+    if args.out:  # PREFIX.md and PREFIX.csv: the suffixes are added, whatever dots PREFIX holds
+        output_file(f"{args.out}.md")
     records = [record for path in args.results for record in load_records(path)]
     contexts = ppl_context_table(records)
     markdown = markdown_table(records) + ("\nWord perplexity by context length:\n\n" + contexts if contexts else "")
     print(markdown, end="")
-    if prefix:
-        write_text_atomic(prefix.with_suffix(".md"), markdown)
-        write_text_atomic(prefix.with_suffix(".csv"), csv_table(records))
-        print(f"attnlab: wrote {prefix.with_suffix('.md')} and {prefix.with_suffix('.csv')}", file=sys.stderr)
+    if args.out:
+        write_text_atomic(Path(f"{args.out}.md"), markdown)
+        write_text_atomic(Path(f"{args.out}.csv"), csv_table(records))
+        print(f"attnlab: wrote {args.out}.md and {args.out}.csv", file=sys.stderr)
     return 0
 
 
@@ -262,9 +289,12 @@ def command_recall(args: argparse.Namespace) -> int:
         device=str(pick_device(args.device)),
         skip_nonstandard=args.skip_nonstandard,
     )
+    if not math.isfinite(record["stderr"]):  # one example has no standard error; JSON has no NaN
+        record["stderr"] = None
     write_text_atomic(out, json.dumps(record, indent=1) + "\n")
+    spread = "n/a" if record["stderr"] is None else f"{100 * record['stderr']:.1f}"
     print(
-        f"attnlab: {record['task']}: accuracy {100 * record['accuracy']:.1f} ± {100 * record['stderr']:.1f} % "
+        f"attnlab: {record['task']}: accuracy {100 * record['accuracy']:.1f} ± {spread} % "
         f"(chance {100 * record['chance']:.1f} %) over {record['examples']} examples; written to {args.out}",
         file=sys.stderr,
     )
@@ -386,7 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
         "paths to task YAML files.",
     )
     add_checkpoint_arguments(evaluate)
-    evaluate.add_argument("--tasks", help="comma-separated tasks/lists/YAML paths (default: offline; none: only ppl)")
+    evaluate.add_argument(
+        "--tasks",
+        help="comma-separated tasks/lists/YAML paths, or none (default: offline; none with --ppl-contexts)",
+    )
     evaluate.add_argument("--out", default="results.json", help="results file (default: results.json)")
     evaluate.add_argument(
         "--eval-data", metavar="DIR", help="read the paper's nine tasks from local copies of their datasets in DIR"
@@ -449,8 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_checkpoint_arguments(recall)
     recall.add_argument("--task", help="task spec, e.g. mqar:pairs=8,vocab=128 (default: the run's --data)")
-    recall.add_argument("--num-examples", type=int, default=512, help="held-out examples (default 512)")
-    recall.add_argument("--batch-size", type=int, default=64)
+    recall.add_argument("--num-examples", type=_positive_int, default=512, help="held-out examples (default 512)")
+    recall.add_argument("--batch-size", type=_positive_int, default=64)
     recall.add_argument("--skip-nonstandard", action="store_true", help="remove the non-standard layers (skip)")
     recall.add_argument("--out", default="recall.json", help="results file (default: recall.json)")
     recall.set_defaults(handler=command_recall)
@@ -507,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"attnlab: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a write that fails after the checks (a full disk, a folder removed meanwhile)
+        print(f"attnlab: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         hint = "; the same command with --resume continues from what was saved" if hasattr(args, "resume") else ""
         print(f"\nattnlab: interrupted{hint}", file=sys.stderr)

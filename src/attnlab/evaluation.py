@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 
 from . import synthetic
 from .tasks import BUILTIN_TASKS, TASKS_DIR
@@ -224,9 +226,14 @@ def load_checkpoint(
     check_checkpoint(path)
     tokenizer = transformers.AutoTokenizer.from_pretrained(find_tokenizer_folder(path)) if with_tokenizer else None
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, skip_nonstandard=skip_nonstandard
-    )
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, skip_nonstandard=skip_nonstandard
+        )
+    except (OSError, RuntimeError, SafetensorError) as error:  # a truncated copy, or weights of another shape
+        raise ValueError(
+            f"checkpoint {path}: the weights cannot be read or do not fit its config.json ({_first_line(error)})"
+        ) from None
     return LoadedCheckpoint(model.to(device).eval(), tokenizer, path, trained_seq_len(path))
 
 
@@ -301,6 +308,31 @@ def _quiet(logger_name: str, level: int = logging.ERROR) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _quiet_git_probe() -> Iterator[None]:
+    """lm-eval records `git describe` of the working folder, and outside a repository git prints "fatal: not
+    a git repository" on the terminal, which reads like an error of the evaluation. Probe the same way with
+    git's stderr captured (None outside a repository, as the harness records then too)."""
+    from lm_eval import evaluator
+
+    def git_commit_hash() -> str | None:
+        try:
+            probe = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return None
+        return probe.stdout.strip()
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:  # a harness version that no longer probes
+        yield
+        return
+    evaluator.get_git_commit_hash = git_commit_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
+@contextlib.contextmanager
 def _hub_offline() -> Iterator[None]:
     """Make `datasets` and `huggingface_hub` use their local caches only (fail at once, no retries)."""
     import datasets
@@ -368,7 +400,7 @@ def check_tasks(manager, selection: TaskSelection) -> str | None:
         except Exception as error:  # noqa: BLE001  (the harness and datasets raise anything here)
             reason = _first_line(error)
             if not _is_hub_error(error):
-                raise ValueError(f"task {name!r} failed to build: {reason}; check its YAML") from None
+                raise ValueError(f"task {name!r} failed to build: {reason}; {_build_hint(name, selection)}") from None
             if unreachable:
                 raise ValueError(
                     f"task {name!r} needs data from the Hugging Face Hub, which is unreachable ({unreachable}), "
@@ -417,6 +449,15 @@ def _is_ours(name: str, selection: TaskSelection) -> bool:
     return name in (*BUILTIN_TASKS, PPL_TASK) or (selection.eval_data is not None and name in LOCAL_FILES)
 
 
+def _build_hint(name: str, selection: TaskSelection) -> str:
+    """What to check when a task fails to build: where its data comes from."""
+    if name in BUILTIN_TASKS:
+        return "check --corpus (the built-in tasks read its held-out text)"
+    if _is_ours(name, selection):
+        return "check --eval-data (the paper tasks' local files)"
+    return "check its YAML"
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
@@ -429,7 +470,7 @@ def run_harness(lm, manager, names: Sequence[str], limit: int | float | None, lo
     offline = _hub_offline() if getattr(manager, "attnlab_hub_unreachable", None) else contextlib.nullcontext()
     # Progress bars stay; truncation and config notices go. bootstrap_iters=1000 is one chunk: the harness's
     # process pool for it would only add start-up time (~20 s in a spawned worker of attnlab study).
-    with offline, _environment(DISABLE_MULTIPROC="1"), _quiet("lm_eval"):
+    with offline, _environment(DISABLE_MULTIPROC="1"), _quiet("lm_eval"), _quiet_git_probe():
         return lm_eval.simple_evaluate(
             model=lm,
             tasks=list(names),
@@ -482,6 +523,8 @@ def evaluate_checkpoint(
             f"--max-length {max_length} is outside 2..{config.max_position_embeddings} "
             "(the model's max_position_embeddings)"
         )
+    if ppl_contexts:
+        check_perplexity_inputs(loaded, ppl_data, ppl_contexts)  # before the harness spends minutes
     record: dict = {}
     if selection is not None:
         output = run_harness(harness_lm(loaded, batch_size, max_length), manager, selection.names, limit, log_samples)
@@ -569,6 +612,19 @@ def evaluate_recall(
     }
 
 
+def check_perplexity_inputs(loaded: LoadedCheckpoint, path: str | Path, contexts: Sequence[int]) -> None:
+    """One-line ValueError for a context length outside 2..max_position_embeddings or a missing or empty
+    text file (`heldout` is the corpus's held-out text)."""
+    from .tasks import text_file_items
+
+    limit = loaded.model.config.max_position_embeddings
+    for context in contexts:
+        if not 2 <= context <= limit:
+            raise ValueError(f"context length {context} is outside 2..{limit} (the model's max_position_embeddings)")
+    if str(path) != "heldout":
+        text_file_items(path)
+
+
 def perplexity_by_context(
     loaded: LoadedCheckpoint, path: str | Path, contexts: Sequence[int], batch_size=8, corpus: str = "builtin"
 ) -> dict:
@@ -576,16 +632,10 @@ def perplexity_by_context(
     text file (or, for `path="heldout"`, of the corpus's held-out documents: the `heldout` task) with the
     model's window set to each context length (non-overlapping windows, as lm-eval's `wikitext`).
     Contexts above the model's `max_position_embeddings` are refused."""
-    from .tasks import text_file_items
-
-    limit = loaded.model.config.max_position_embeddings
-    for context in contexts:
-        if not 2 <= context <= limit:
-            raise ValueError(f"context length {context} is outside 2..{limit} (the model's max_position_embeddings)")
+    check_perplexity_inputs(loaded, path, contexts)
     if str(path) == "heldout":
         task, metadata = "heldout", {"corpus": corpus}
     else:
-        text_file_items(path)  # fail early, with one line, on a missing or empty file
         task, metadata = PPL_TASK, {"path": str(Path(path).resolve())}
     selection = TaskSelection((task,), (str(TASKS_DIR),), harness_tasks=False)
     manager = checked_task_manager(selection, **metadata)
@@ -615,6 +665,10 @@ def load_records(path: str | Path) -> list[dict]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"results file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder; give a results file written by attnlab eval --out") from None
+    except OSError as error:
+        raise ValueError(f"cannot read results file {path}: {error.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"results file {path} is not JSON: {error}") from None
     records = data.get("evaluations", [data]) if isinstance(data, dict) else None

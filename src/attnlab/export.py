@@ -66,4 +66,5 @@ def _load_into(twin, model):
             # Qwen3's attention_bias also biases o_proj, which attnlab (as Qwen2) has without one: zero is the same
             state[name] = torch.zeros_like(tensor)
     twin.load_state_dict(state, strict=True)
-    return twin.train(model.training)
+    like = next(model.parameters())
+    return twin.to(device=like.device, dtype=like.dtype).train(model.training)

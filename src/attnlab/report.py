@@ -109,7 +109,8 @@ def _fill_recall(row: Row, folder: Path, results_file: str) -> None:
     if record is None:
         row.notes.append(f"no {results_file}")
         return
-    row.recall = Measure(100.0 * record["accuracy"], 100.0 * record["stderr"])
+    stderr = record["stderr"] if record["stderr"] is not None else math.nan  # None: a single example
+    row.recall = Measure(100.0 * record["accuracy"], 100.0 * stderr)
     row.recall_chance = 100.0 * record["chance"]
     row.recall_floor = 100.0 * max(record["chance"], record.get("context_guess", record["chance"]))
 

@@ -180,8 +180,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
+    try:
+        temporary.write_text(text)
+        temporary.replace(path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a failed write leaves the previous file, and nothing else
+        raise
 
 
 __all__ = ["RunConfig", "TrainConfig", "check_resume_compatible", "resolve_run_config", "write_text_atomic"]
