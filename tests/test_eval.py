@@ -574,3 +574,10 @@ def test_an_evaluation_outside_a_git_repository_prints_no_git_error(checkpoint, 
     argv = ["eval", str(checkpoint), "--tasks", "lastword", "--limit", "2", "--out", str(tmp_path / "r.json")]
     assert main(argv) == 0
     assert "not a git repository" not in capfd.readouterr().err
+
+
+def test_a_task_that_fails_to_build_points_at_where_its_data_comes_from(checkpoint, tmp_path, capsys):
+    bogus = tmp_path / "bogus"
+    error = _one_line_error(capsys, ["eval", str(checkpoint), "--tasks", "lastword", "--corpus", str(bogus)])
+    assert error.startswith("attnlab: error: task 'lastword' failed to build: ")
+    assert str(bogus) in error and error.endswith("; check --corpus (the built-in tasks read its held-out text)")
