@@ -388,3 +388,97 @@ def test_bad_input_is_one_line(setup, tmp_path, change, message):
     with pytest.raises(ValueError, match=message) as error:
         analyze_models(out=tmp_path / "out", **arguments)
     assert "\n" not in str(error.value)
+
+
+def _refuse_model_loading(monkeypatch) -> None:
+    """Make any model load fail the test: the checks under test must come before the first model runs."""
+    from attnlab import evaluation
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(evaluation, "load_checkpoint", no_loading)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("out-is-a-file", r"is a file, not a folder"),
+        ("out-parent-missing", r"folder .*missing-parent does not exist"),
+        ("synthetic-data", r"--data mqar:pairs=4 is a synthetic task, which has no text to analyse; .*text corpus"),
+        ("bad-metrics", r"bad\.jsonl has no records with 'tokens' and 'loss'"),
+        ("empty-metrics", r"empty\.jsonl has no records with 'tokens' and 'loss'"),
+        ("bad-metrics-beside-checkpoint", r"line 1: not a JSON record"),
+    ],
+)
+def test_bad_output_data_and_metrics_are_refused_before_any_model_runs(setup, tmp_path, monkeypatch, case, message):
+    _refuse_model_loading(monkeypatch)
+    checkpoints = [str(path) for path in setup["checkpoints"]]
+    arguments = {"data": str(setup["data"]), "num_seqs": 1, "metrics_files": []}
+    out = tmp_path / "out"
+    if case == "out-is-a-file":
+        out.write_text("not a folder")
+    elif case == "out-parent-missing":
+        out = tmp_path / "missing-parent" / "out"
+    elif case == "synthetic-data":
+        arguments["data"] = "mqar:pairs=4"
+    elif case == "bad-metrics":
+        (tmp_path / "bad.jsonl").write_text("{bad\n")
+        arguments["metrics_files"] = [str(tmp_path / "bad.jsonl")]
+    elif case == "empty-metrics":
+        (tmp_path / "empty.jsonl").write_text("")
+        arguments["metrics_files"] = [str(tmp_path / "empty.jsonl")]
+    else:  # the metrics.jsonl found beside a checkpoint is checked as well as one given
+        run = tmp_path / "run"
+        run.mkdir()
+        for item in setup["checkpoints"][1].iterdir():
+            (run / item.name).symlink_to(item)
+        (run / "metrics.jsonl").write_text('not json\n{"step": 1, "loss": 2.0, "tokens": 10}\n')
+        checkpoints, arguments["metrics_files"] = [str(run)], None
+    with pytest.raises(ValueError, match=message) as error:
+        analyze_models(checkpoints, out, **arguments)
+    assert "\n" not in str(error.value)
+    assert out.is_file() if case == "out-is-a-file" else not out.exists()  # nothing created
+    assert not [path for path in tmp_path.rglob("*") if path.name.startswith(".attnlab-")]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where nothing can be created")
+def test_an_output_folder_where_nothing_can_be_created_is_refused(setup, monkeypatch):
+    _refuse_model_loading(monkeypatch)
+    with pytest.raises(ValueError, match=r"^--out /proc/an: cannot create anything in /proc \(") as error:
+        analyze_models([str(setup["checkpoints"][0])], "/proc/an", data=str(setup["data"]), num_seqs=1)
+    assert "\n" not in str(error.value)
+
+
+def test_unreadable_weights_leave_no_output_folder(setup, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in setup["checkpoints"][0].iterdir():
+        if item.suffix == ".safetensors":
+            (broken / item.name).write_bytes(item.read_bytes()[:100])  # cut short
+        elif item.is_file():
+            (broken / item.name).write_bytes(item.read_bytes())
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="broken") as error:
+        analyze_models([str(broken)], out, data=str(setup["data"]), num_seqs=1, metrics_files=[])
+    assert "\n" not in str(error.value)
+    assert not out.exists()
+
+
+def test_fewer_sequences_than_asked_are_noted_in_one_line(setup, tmp_path, capsys):
+    short = tmp_path / "short.jsonl"  # the setup corpus cut to short documents: a few dozen held-out sequences
+    documents = [json.loads(line)["text"][:400] for line in setup["data"].read_text().splitlines()]
+    short.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    out = tmp_path / "out"
+    summary = analyze_models(
+        [str(setup["checkpoints"][0])], out, data=str(short), num_seqs=5000, seq_len=SEQ_LEN, metrics_files=[]
+    )
+    available = summary["models"][0]["num_sequences"]
+    assert 1 <= available < 5000 and summary["settings"]["num_seqs_requested"] == 5000
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("attnlab")]  # no progress bars
+    assert len(notes) == 1 and notes[0].startswith("attnlab: note: ")
+    assert f"holds only {available} sequence(s) of {SEQ_LEN} tokens" in notes[0] and "5000 asked for" in notes[0]
+    analyze_models(
+        [str(setup["checkpoints"][0])], out, data=str(short), num_seqs=available, seq_len=SEQ_LEN, metrics_files=[]
+    )
+    assert "attnlab" not in capsys.readouterr().err  # no note when the data gives every sequence asked for

@@ -333,7 +333,7 @@ def test_eval_and_table_commands_write_results_and_tables(checkpoint, tmp_path, 
     lines = markdown.splitlines()
     assert lines[0] == "| group | model | lastword acc | lastword ppl | cloze acc | cloze acc_norm |"
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| reference", "| hybrid", "| skip", "| skip"]
-    assert "approximate (run)" in markdown and "approximate (checkpoint-6)" in markdown
+    assert "approximate (run)" in markdown and "approximate (run/checkpoint-6)" in markdown
     csv_lines = (tmp_path / "table1.csv").read_text().splitlines()
     assert csv_lines[0].startswith("group,model,checkpoint,parameters,mixer_types,lastword acc,lastword acc stderr")
     assert len(csv_lines) == 1 + 2 + 3

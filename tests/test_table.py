@@ -147,5 +147,103 @@ def test_table_cli_writes_md_and_csv_and_refuses_a_missing_folder(tmp_path, caps
     assert output.out == ""  # refused before the table is printed
     assert (
         output.err.strip()
-        == f"attnlab: error: --out {tmp_path / 'nowhere' / 't1'}: folder {tmp_path / 'nowhere'} does not exist"
+        == f"attnlab: error: --out {tmp_path / 'nowhere' / 't1'}.md: folder {tmp_path / 'nowhere'} does not exist"
     )
+
+
+# ------------------------------------------------------------------------------ records the table cannot show
+
+
+def recall_record() -> dict:
+    """What `attnlab recall --out` writes (evaluation.evaluate_recall): no harness results."""
+    meta = make_record(["standard"], {})["attnlab"]
+    return {"task": "mqar:pairs=4", "seq_len": 64, "accuracy": 0.9, "stderr": 0.01, "chance": 0.25, "attnlab": meta}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"attnlab": {}}, r"is not a results file written by `attnlab eval` \(its 'attnlab' block lacks 'checkpoint'"),
+        (recall_record(), r"is a recall result written by `attnlab recall` \(task 'mqar:pairs=4'"),
+        ({"evaluations": [make_record(["mlp"], NLU), {"attnlab": {"checkpoint": "x"}}]}, r"\(record 2 of 2\) is not"),
+        ({**make_record(["mlp"], NLU), "results": {"boolq": 0.5}}, "'results' is not a mapping of task to metrics"),
+    ],
+)
+def test_table_cli_refuses_what_attnlab_eval_did_not_write_in_one_line(tmp_path, capsys, content, message):
+    from attnlab.cli import main
+    from attnlab.table import load_table_records
+
+    path = tmp_path / "e5.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=message) as error:
+        load_table_records([str(path)])
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+    assert main(["table", str(path), "--out", str(tmp_path / "t1")]) == 2  # whichever way the CLI reads the file
+    output = capsys.readouterr()
+    assert output.out == "" and output.err.startswith("attnlab: error: ") and output.err.count("\n") == 1
+    assert not list(tmp_path.glob("t1*"))
+
+
+def test_records_without_task_columns_give_no_empty_main_table():
+    perplexity_only = make_record(["standard"], {}, contexts=[(32, 50.0), (64, 45.0)])
+    del perplexity_only["results"]  # `attnlab eval --tasks none --ppl-contexts ...` writes no harness results
+    assert markdown_table([perplexity_only]) == ""
+    assert ppl_context_table([perplexity_only]).splitlines()[2] == "| standard | standard | 50.0 | 45.0 |"
+    with pytest.raises(ValueError, match="no task metric the table can show"):
+        markdown_table([make_record(["standard"], {})])  # nothing at all to show is an error, not an empty table
+
+
+def test_table_cli_on_perplexity_only_results_prints_only_the_context_table(tmp_path, capsys):
+    from attnlab.cli import main
+
+    record = make_record(["standard"], {}, contexts=[(32, 50.0)])
+    del record["results"]
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(record))
+    assert main(["table", str(path)]) == 0
+    tables = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert tables == ["| group | model | ctx 32 |", "|---|---|---:|", "| standard | standard | 50.0 |"]
+
+
+def markdown_cells(line: str) -> list[str]:
+    assert line.startswith("|") and line.endswith("|"), line
+    return [cell.strip() for cell in line[1:-1].split("|")]
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        [make_record(["standard"], NLU, wikitext=30.0), make_record(["standard", "mlp"], {"cloze": 0.3}, skip=True)],
+        [make_record(["mlp"], {"cloze": 0.3}, contexts=[(32, 9.0)]), make_record(["mlp"], {}, contexts=[(64, 8.0)])],
+        [make_record(["standard"], {"lastword": 0.1})],
+        [make_record(["standard"], {}, contexts=[(16, 3.0)])],
+    ],
+)
+def test_every_markdown_table_has_as_many_cells_in_each_line_as_headers(records):
+    tables = [markdown_table(records), ppl_context_table(records)]
+    assert any(tables)
+    for table in filter(None, tables):
+        header, separator, *rows = table.splitlines()
+        assert markdown_cells(header)[:2] == ["group", "model"] and all(markdown_cells(header))
+        assert markdown_cells(separator) == ["---", "---"] + ["---:"] * (len(markdown_cells(header)) - 2)
+        assert rows and all(len(markdown_cells(row)) == len(markdown_cells(header)) for row in rows)
+
+
+def test_rows_of_the_same_variant_get_distinct_labels():
+    same_step = [
+        make_record(["mlp"], {"cloze": 0.3}, checkpoint="runs/a/checkpoint-750"),
+        make_record(["mlp"], {"cloze": 0.4}, checkpoint="runs/b/checkpoint-750"),
+    ]
+    text = markdown_table(same_step)
+    assert "| uniform | mlp (a/checkpoint-750) |" in text and "| uniform | mlp (b/checkpoint-750) |" in text
+    same_folder = [make_record(["standard"], {"cloze": c}, checkpoint="std") for c in (0.3, 0.4, 0.5)]
+    labels = [
+        row["model"] for row in csv.DictReader(io.StringIO(csv_table(same_folder))) if row["group"] != "reference"
+    ]
+    assert labels == ["standard (std#1)", "standard (std#2)", "standard (std#3)"]
+    contexts = ppl_context_table([make_record(["standard"], {}, checkpoint="std", contexts=[(8, 2.0)])] * 2)
+    assert [markdown_cells(line)[1] for line in contexts.splitlines()[2:]] == ["standard (std#1)", "standard (std#2)"]
+    # a skip row and a plain row of the same checkpoint are in different groups: nothing to tell apart
+    hybrid = make_record(["standard", "mlp"], {"cloze": 0.3}, checkpoint="runs/h")
+    skip = make_record(["standard", "mlp"], {"cloze": 0.3}, checkpoint="runs/h", skip=True)
+    assert "| hybrid | mlp |" in markdown_table([hybrid, skip]) and "| skip | mlp |" in markdown_table([hybrid, skip])

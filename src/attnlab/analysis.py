@@ -23,6 +23,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -439,7 +442,9 @@ def add_normalised(layers: list[dict]) -> None:
             entry["normalised"][name] = value
 
 
-def _check_arguments(checkpoints, num_seqs, seq_len, batch_size, heatmap_model, metrics_files) -> None:
+def _check_arguments(checkpoints, out, data, num_seqs, seq_len, batch_size, heatmap_model, metrics_files) -> None:
+    from .synthetic import is_task_spec
+
     if isinstance(checkpoints, (str, Path)) or not checkpoints:
         raise ValueError("give a list of one or more checkpoint folders to analyze")
     if not isinstance(num_seqs, int) or num_seqs < 1:
@@ -452,11 +457,41 @@ def _check_arguments(checkpoints, num_seqs, seq_len, batch_size, heatmap_model, 
         raise ValueError(
             f"heatmap_model must index the checkpoints (0 to {len(checkpoints) - 1}), got {heatmap_model!r}"
         )
+    if isinstance(data, str) and is_task_spec(data):
+        raise ValueError(
+            f"--data {data} is a synthetic task, which has no text to analyse; analyze needs a text corpus "
+            "(builtin, hf:<name> or text files: the --data the corpus runs were trained on)"
+        )
     for path in metrics_files or []:
         if not _metrics_path(path).is_file():
             raise ValueError(
                 f"metrics file {_metrics_path(path)} does not exist; give a run folder or its metrics.jsonl"
             )
+    _check_output_folder(Path(out))
+
+
+def _check_output_folder(out: Path) -> None:
+    """Refuse, with one line and before any work, an output folder that cannot be written: an existing file,
+    a folder whose parent does not exist, or a place where nothing can be created. Leaves nothing behind: the
+    folder itself is created only when the results are written."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; give a folder for indicators.json and the figures")
+    place = out if out.is_dir() else out.parent
+    if not place.is_dir():
+        raise ValueError(f"--out {out}: folder {place} does not exist")
+    try:  # os.access says yes to root everywhere, even where nothing can be created (/proc); so try it
+        os.rmdir(tempfile.mkdtemp(prefix=".attnlab-write-check-", dir=place))
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot create anything in {place} ({error.strerror})") from None
+
+
+def _check_metrics(metrics: Sequence[Path]) -> None:
+    """Read every metrics file for the loss curves now (`plots.read_metrics`), so that a file with no training
+    records fails in one line before any model runs rather than after."""
+    from .plots import read_metrics
+
+    for path in metrics:
+        read_metrics(path)
 
 
 def _metrics_path(path: str | Path) -> Path:
@@ -492,6 +527,16 @@ def _resolve_seq_len(seq_len: int | None, configs: list[dict], checkpoints: list
     return seq_len
 
 
+def _fewer_sequences_note(data: str, available: int, requested: int, seq_len: int, label: str, models: int) -> str:
+    """The one line that says the held-out text gave fewer sequences than `--num-seqs` asked for."""
+    whose = f" with {label}'s tokenizer" if models > 1 else ""
+    return (
+        f"attnlab: note: the held-out (valid) split of {data}{whose} holds only {available} sequence(s) of "
+        f"{seq_len} tokens, so {available} are analysed, not the {requested} asked for (--num-seqs); use more "
+        "data or a shorter --seq-len for more"
+    )
+
+
 def analyze_models(
     checkpoints: Sequence[str | Path],
     out: str | Path,
@@ -522,28 +567,38 @@ def analyze_models(
     maps of checkpoint number `heatmap_model`, and loss curves of `metrics_files` (run folders or their
     metrics.jsonl; None: those found beside the checkpoints, `find_metrics_files`; []: no loss curves).
 
+    `out` is created (its parent must exist) only when the results are written. When the held-out text
+    holds fewer than `num_seqs` sequences, every one is analysed and a note line on stderr says so.
+
     Returns the indicators dict plus "indicators_path" and "figures" (the figure paths, str).
-    Raises ValueError with one line for bad input.
+    Raises ValueError with one line for bad input. The arguments, `out` (an existing file, or a place where
+    nothing can be created), `data` (a synthetic task has no text), the checkpoints' configs and the metrics
+    files' records are all checked before any model is loaded.
     """
     from . import plots
     from .data import heldout_sequences, open_corpus
     from .evaluation import load_checkpoint
     from .runconfig import write_text_atomic
 
-    _check_arguments(checkpoints, num_seqs, seq_len, batch_size, heatmap_model, metrics_files)
+    _check_arguments(checkpoints, out, data, num_seqs, seq_len, batch_size, heatmap_model, metrics_files)
     paths = [Path(checkpoint) for checkpoint in checkpoints]
     configs = [_checkpoint_config(path) for path in paths]
     seq_len = _resolve_seq_len(seq_len, configs, paths)
     metrics = find_metrics_files(paths) if metrics_files is None else [_metrics_path(path) for path in metrics_files]
+    _check_metrics(metrics)
     labels = checkpoint_labels(paths)
     corpus = open_corpus(data)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
 
-    models, layers, mean_maps = [], [], None
+    models, layers, mean_maps, noted = [], [], None, set()
     for index, (path, label) in enumerate(zip(paths, labels)):
         loaded = load_checkpoint(path, device=device)
         sequences = heldout_sequences(corpus, loaded.tokenizer, seq_len=seq_len, max_sequences=num_seqs)
+        if sequences.shape[0] < num_seqs and sequences.shape[0] not in noted:
+            noted.add(sequences.shape[0])
+            print(
+                _fewer_sequences_note(data, sequences.shape[0], num_seqs, seq_len, label, len(paths)), file=sys.stderr
+            )
         keep_maps = index == heatmap_model
         accumulators = accumulate_layers(loaded.model, sequences, batch_size, keep_mean_maps=keep_maps)
         if keep_maps:
@@ -580,6 +635,7 @@ def analyze_models(
             },
         },
     }
+    out.mkdir(exist_ok=True)  # only now: a failure above leaves no empty folder behind
     indicators_path = out / "indicators.json"
     write_text_atomic(indicators_path, json.dumps(indicators, indent=1, allow_nan=False) + "\n")
 

@@ -234,15 +234,16 @@ def output_file(text: str, flag: str = "--out") -> Path:
 
 
 def command_table(args: argparse.Namespace) -> int:
-    from .evaluation import load_records
     from .runconfig import write_text_atomic
-    from .table import csv_table, markdown_table, ppl_context_table
+    from .table import csv_table, load_table_records, markdown_table, ppl_context_table
 
     if args.out:  # PREFIX.md and PREFIX.csv: the suffixes are added, whatever dots PREFIX holds
         output_file(f"{args.out}.md")
-    records = [record for path in args.results for record in load_records(path)]
+    records = load_table_records(args.results)
     contexts = ppl_context_table(records)
-    markdown = markdown_table(records) + ("\nWord perplexity by context length:\n\n" + contexts if contexts else "")
+    main_table = markdown_table(records)
+    context_part = "Word perplexity by context length:\n\n" + contexts if contexts else ""
+    markdown = main_table + ("\n" if main_table and context_part else "") + context_part
     print(markdown, end="")
     if args.out:
         write_text_atomic(Path(f"{args.out}.md"), markdown)
