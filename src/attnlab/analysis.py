@@ -23,9 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -474,15 +472,16 @@ def _check_output_folder(out: Path) -> None:
     """Refuse, with one line and before any work, an output folder that cannot be written: an existing file,
     a folder whose parent does not exist, or a place where nothing can be created. Leaves nothing behind: the
     folder itself is created only when the results are written."""
+    from .runconfig import cannot_create_in
+
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder; give a folder for indicators.json and the figures")
     place = out if out.is_dir() else out.parent
     if not place.is_dir():
         raise ValueError(f"--out {out}: folder {place} does not exist")
-    try:  # os.access says yes to root everywhere, even where nothing can be created (/proc); so try it
-        os.rmdir(tempfile.mkdtemp(prefix=".attnlab-write-check-", dir=place))
-    except OSError as error:
-        raise ValueError(f"--out {out}: cannot create anything in {place} ({error.strerror})") from None
+    reason = cannot_create_in(place)
+    if reason:
+        raise ValueError(f"--out {out}: cannot create anything in {place} ({reason})")
 
 
 def _check_metrics(metrics: Sequence[Path]) -> None:

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -220,16 +219,16 @@ def command_eval(args: argparse.Namespace) -> int:
 def output_file(text: str, flag: str = "--out") -> Path:
     """An output file path, refused at once (before any work) unless it can be written: not a folder, in a
     folder that exists and takes new files (the atomic write puts a temporary file beside it)."""
+    from .runconfig import cannot_create_in
+
     out = Path(text)
     if out.is_dir():
         raise ValueError(f"{flag} {out} is a folder; give a file path such as {out / 'results.json'}")
     if not out.parent.is_dir():
         raise ValueError(f"{flag} {out}: folder {out.parent} does not exist")
-    try:
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
-            pass
-    except OSError as error:
-        raise ValueError(f"{flag} {out}: cannot write in {out.parent} ({error.strerror})") from None
+    reason = cannot_create_in(out.parent)
+    if reason:
+        raise ValueError(f"{flag} {out}: cannot write in {out.parent} ({reason})")
     return out
 
 

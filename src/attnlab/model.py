@@ -288,8 +288,8 @@ class AttnLabModel(AttnLabPreTrainedModel):
             )
         use_cache = self.config.use_cache if use_cache is None else use_cache
         cache = past_key_values if past_key_values is not None else AttnLabCache(self.config) if use_cache else None
-        checkpointing = any(layer.gradient_checkpointing for layer in self.layers)
-        if cache is not None and checkpointing and self.training and torch.is_grad_enabled():
+        training_with_cache = cache is not None and self.training and torch.is_grad_enabled()
+        if training_with_cache and any(layer.gradient_checkpointing for layer in self.layers):
             raise ValueError(
                 "activation checkpointing recomputes each layer in backward, which would write the decode "
                 "cache twice; train with use_cache=False, or call model.eval() to decode"

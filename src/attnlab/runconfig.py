@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise ValueError(f"config file {path} must be a mapping with 'model:' and/or 'train:' sections")
     return document
+
+
+def cannot_create_in(folder: Path) -> str | None:
+    """Why nothing can be created in `folder` (the OSError's text), or None if something can. Tried by making
+    and removing a temporary file: os.access says yes to root even where nothing can be created (/proc)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".attnlab-write-check-"):
+            return None
+    except OSError as error:
+        return error.strerror
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -251,7 +251,7 @@ def markdown_table(records: Sequence[dict]) -> str:
     "" when the records hold no task column (e.g. perplexity by context only: `ppl_context_table` shows
     those); a ValueError when they hold neither a task column nor perplexity by context.
     """
-    _check_unnamed(records)
+    ordered = ordered_rows(records)  # checks the records first
     columns = table_columns(records)
     if not columns:
         if any("ppl_contexts" in record for record in records):
@@ -262,7 +262,7 @@ def markdown_table(records: Sequence[dict]) -> str:
             f"(tasks: {', '.join(tasks) or 'none'}; metrics read: {', '.join(_FALLBACK_METRICS)})"
         )
     rows = []
-    for row in ordered_rows(records):
+    for row in ordered:
         cells = [
             format_cell(*cell_value(row, column), column.is_accuracy or column.header == NLU_AVERAGE)
             for column in columns
