@@ -12,6 +12,7 @@ from attnlab import AttnLabForCausalLM
 from attnlab.bench import BenchSettings, layer_cache_bytes, minor_page_faults, new_cache, run_bench, take_turns
 from attnlab.cli import main
 from attnlab.config import MIXER_NAMES
+from attnlab.environment import installed_version
 from attnlab.mixers import MIXERS
 
 from .conftest import tiny_config
@@ -51,7 +52,7 @@ def test_bench_writes_well_formed_results(tmp_path, monkeypatch):
     assert run_bench(settings, tmp_path)["files"] == ["bench.json", "bench.md", "decode.png"]
     results = json.loads((tmp_path / "bench.json").read_text())
     assert {"environment", "settings", "config", "train", "prefill", "decode", "decode_spread", "cache"} <= set(results)
-    assert results["environment"]["threads"] == 1 and results["environment"]["torch"] == torch.__version__
+    assert results["environment"]["threads"] == 1 and results["environment"]["torch"] == installed_version("torch")
     assert results["environment"]["allocator_environment"]["MALLOC_TOP_PAD_"] == "1000000"
     train = results["train"]
     for key in ("attnlab_tokens_per_s", "hf_qwen2_tokens_per_s", "ratio"):
@@ -121,10 +122,10 @@ def test_measured_cache_bytes_equal_the_formula(mixer):
     ids = torch.randint(0, config.vocab_size, (batch, context + 1))
     cache = new_cache(model, context + 1)
     with torch.no_grad():
-        model(ids[:, :context], past_key_values=cache, use_cache=True)
+        model(ids[:, :context], cache=cache, use_cache=True)
         measured = [layer_cache_bytes(layer) for layer in cache.layers]
         assert measured == [MIXERS[mixer].cost(config, batch, context, dtype_bytes=4).cache_bytes] * 2
-        model(ids[:, context:], past_key_values=cache, use_cache=True)  # one decode step
+        model(ids[:, context:], cache=cache, use_cache=True)  # one decode step
         measured = [layer_cache_bytes(layer) for layer in cache.layers]
         assert measured == [MIXERS[mixer].cost(config, batch, context + 1, dtype_bytes=4).cache_bytes] * 2
 

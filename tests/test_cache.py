@@ -6,6 +6,7 @@ re-runs the whole sequence every step, on tokens and on the logits of every step
 
 from __future__ import annotations
 
+import warnings
 from unittest import mock
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from attnlab import MIXER_NAMES, AttnLabForCausalLM
-from attnlab.cache import AttnLabCache, RecurrentStateLayer, SharedMapLayer
+from attnlab.cache import CACHE_NAME, RECURRENT_MIXERS, AttnLabCache, RecurrentStateLayer, SharedMapLayer
 from attnlab.model import AttnLabModel
 
 from .conftest import tiny_config
@@ -30,6 +31,11 @@ def _model(layers, **overrides) -> AttnLabForCausalLM:
     options = {"layers": layers, "num_hidden_layers": depth, "initializer_range": 0.1}
     options.update(overrides)
     return AttnLabForCausalLM(tiny_config(**options)).eval()
+
+
+def _model_for(layers) -> AttnLabForCausalLM:
+    overrides = {"qk_norm": True, "num_key_value_heads": 2} if "staticembqk" in layers else {}
+    return _model(layers, **overrides)
 
 
 def _greedy(model, prompt, use_cache, max_new_tokens=12, **kwargs):
@@ -55,12 +61,11 @@ def _assert_same_generation(cached, recomputed, atol=1e-5, rtol=0.0):
 
 @pytest.mark.parametrize("layers", PATTERNS, ids=str)
 def test_cached_greedy_generation_equals_recomputation(layers):
-    overrides = {"qk_norm": True, "num_key_value_heads": 2} if "staticembqk" in layers else {}
-    model = _model(layers, **overrides)
+    model = _model_for(layers)
     prompt = torch.randint(1, 61, (2, 6))
     cached = _greedy(model, prompt, use_cache=True)
-    assert isinstance(cached.past_key_values, AttnLabCache)
-    assert cached.past_key_values.get_seq_length() == 6 + 12 - 1  # the last token is never fed back
+    assert isinstance(getattr(cached, CACHE_NAME), AttnLabCache)
+    assert getattr(cached, CACHE_NAME).get_seq_length() == 6 + 12 - 1  # the last token is never fed back
     _assert_same_generation(cached, _greedy(model, prompt, use_cache=False))
 
 
@@ -80,20 +85,22 @@ def test_generate_uses_the_cache_by_default_and_feeds_one_token_per_step():
         )
     finally:
         hook.remove()
-    assert isinstance(output.past_key_values, AttnLabCache)
+    assert isinstance(getattr(output, CACHE_NAME), AttnLabCache)
     assert lengths == [5, 1, 1, 1]
 
 
-def test_beam_search_reorders_every_kind_of_state():
-    model = _model(["standard", "approximate", "nonapprox", "rndembqk"])
+@pytest.mark.parametrize("layers", PATTERNS, ids=str)
+def test_beam_search_reorders_every_kind_of_state(layers):
+    model = _model_for(layers)
     prompt = torch.randint(1, 61, (2, 5))
     options = {"max_new_tokens": 8, "do_sample": False, "num_beams": 3, "num_return_sequences": 2, "pad_token_id": 0}
     cached = model.generate(prompt, use_cache=True, **options)
     assert torch.equal(cached, model.generate(prompt, use_cache=False, **options))
 
 
-def test_left_padded_hybrid_generation_equals_recomputation():
-    model = _model(["standard", "approximate", "nonapprox", "mlp"])
+@pytest.mark.parametrize("layers", PATTERNS, ids=str)
+def test_left_padded_generation_equals_recomputation(layers):
+    model = _model_for(layers)
     prompt = torch.randint(1, 61, (2, 7))
     attention_mask = torch.ones_like(prompt)
     attention_mask[0, :3] = 0  # left padding
@@ -115,7 +122,7 @@ def test_long_context_nonapprox_decoding_stays_finite_where_naive_exponentials_o
     assert any(torch.isinf(torch.exp(layer_scores)).any() for layer_scores in scores)
     cached = _greedy(model, prompt, use_cache=True, max_new_tokens=6)
     _assert_same_generation(cached, _greedy(model, prompt, use_cache=False, max_new_tokens=6))
-    for state in cached.past_key_values.layers[0].get_states():
+    for state in getattr(cached, CACHE_NAME).layers[0].get_states():
         assert torch.isfinite(state).all()
 
 
@@ -124,14 +131,14 @@ def test_recurrent_states_keep_their_size_while_the_kv_cache_grows():
     prompt = torch.randint(1, 61, (2, 5))
     with torch.no_grad():
         output = model(prompt, use_cache=True)
-        cache = output.past_key_values
+        cache = getattr(output, CACHE_NAME)
         first_shapes = [cache.state_shapes(layer) for layer in range(4)]
         sequence = prompt
         for step in range(1, 9):
             next_token = output.logits[:, -1].argmax(-1, keepdim=True)
             sequence = torch.cat([sequence, next_token], dim=1)
-            output = model(next_token, past_key_values=cache)
-            assert output.past_key_values is cache
+            output = model(next_token, cache=cache)
+            assert getattr(output, CACHE_NAME) is cache
             shapes = [cache.state_shapes(layer) for layer in range(4)]
             assert shapes[0]["keys"] == shapes[0]["values"] == (2, 4, 5 + step, 8)  # one position per token
             assert shapes[1] == first_shapes[1] and shapes[2] == first_shapes[2]  # constant-size state
@@ -156,7 +163,7 @@ def test_shadow_maps_are_computed_once_per_generate_call_and_equal_the_full_forw
     assert shadow_stream.call_count == 2 * 10  # recomputation: both streams at every step
     _assert_same_generation(cached, recomputed)
 
-    cache, sequence = cached.past_key_values, cached.sequences
+    cache, sequence = getattr(cached, CACHE_NAME), cached.sequences
     length = sequence.shape[1]
     with torch.no_grad():
         full_maps = model(sequence, output_attentions=True).attentions
@@ -186,8 +193,8 @@ def test_cached_decode_of_kv_mixers_returns_the_last_rows_of_the_recomputed_maps
     model = _model(["standard", "rndembqk"])
     prompt = torch.randint(1, 61, (2, 7))
     with torch.no_grad():
-        cache = model(prompt[:, :5], use_cache=True).past_key_values
-        cached = model(prompt[:, 5:], past_key_values=cache, output_attentions=True, mixer_implementation="reference")
+        cache = getattr(model(prompt[:, :5], use_cache=True), CACHE_NAME)
+        cached = model(prompt[:, 5:], cache=cache, output_attentions=True, mixer_implementation="reference")
         full = model(prompt, output_attentions=True)
     for layer_idx in range(2):  # two new queries at once: [batch, heads, 2, 7]
         torch.testing.assert_close(
@@ -202,28 +209,90 @@ def test_wrong_caches_are_refused_with_a_useful_message():
     with pytest.raises(ValueError, match="AttnLabCache"):
         model(prompt, past_key_values=DynamicCache())
     with pytest.raises(ValueError, match="AttnLabCache"):
-        model.generate(prompt, max_new_tokens=2, past_key_values=DynamicCache(), pad_token_id=0)
+        model.generate(prompt, max_new_tokens=2, pad_token_id=0, **{CACHE_NAME: DynamicCache()})
     with pytest.raises(ValueError, match="cache_implementation"):
         model.generate(prompt, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
     with torch.no_grad():
-        cache = model(prompt, use_cache=True).past_key_values
+        cache = getattr(model(prompt, use_cache=True), CACHE_NAME)
         with pytest.raises(ValueError, match="use_cache=False"):
-            model(prompt[:, :1], past_key_values=cache, output_attentions=True)
+            model(prompt[:, :1], cache=cache, output_attentions=True)
 
 
-@pytest.mark.parametrize("layers", ["uniform:standard", "hybrid:nonapprox"])
-def test_prompt_lookup_decoding_equals_greedy_where_states_can_be_rolled_back(layers):
+ROLLBACK_PATTERNS = [f"uniform:{mixer}" for mixer in MIXER_NAMES if mixer not in RECURRENT_MIXERS]
+
+
+@pytest.mark.parametrize("layers", ROLLBACK_PATTERNS + ["hybrid:nonapprox", "hybrid:approximate"], ids=str)
+def test_prompt_lookup_decoding_equals_recomputation_where_states_can_be_rolled_back(layers):
     """Assisted decoding crops rejected draft tokens from the cache: KV caches can, a running sum cannot —
     unless its layer never runs (skip mode), so the skip model decodes like an all-standard one."""
-    model = _model(layers, skip_nonstandard=layers.startswith("hybrid"))
+    model = _model_for(layers)
+    model.config.skip_nonstandard = layers.startswith("hybrid")
     prompt = torch.tensor([[3, 5, 7, 3, 5, 7, 3, 5]])
-    greedy = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    recomputed = model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=False)
     assisted = model.generate(prompt, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3)
-    assert torch.equal(assisted, greedy)
+    assert torch.equal(assisted, recomputed)
 
 
-def test_prompt_lookup_decoding_is_refused_for_running_state_layers():
-    model = _model("hybrid:nonapprox")
+@pytest.mark.parametrize("layers", ["uniform:approximate", "uniform:nonapprox", "hybrid:nonapprox"])
+def test_prompt_lookup_decoding_is_refused_up_front_for_running_state_layers(layers):
+    model = _model(layers)
     prompt = torch.tensor([[3, 5, 7, 3, 5, 7, 3, 5]])
+    with mock.patch.object(AttnLabModel, "forward", autospec=True) as forward:
+        with pytest.raises(ValueError, match="cannot be rolled back, so assisted decoding"):
+            model.generate(prompt, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3)
+    assert forward.call_count == 0  # refused before the prefill
+
+
+def test_only_an_empty_recurrent_state_is_croppable():
+    model = _model(["standard", "nonapprox"])
+    cache = AttnLabCache(model.config)
+    assert cache.layers[1].is_croppable and cache.is_croppable
+    with torch.no_grad():
+        model(torch.randint(1, 61, (1, 4)), cache=cache)
+    assert not cache.layers[1].is_croppable and not cache.is_croppable
+    assert cache.layers[0].is_croppable
     with pytest.raises(ValueError, match="cannot be rolled back"):
-        model.generate(prompt, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3)
+        cache.crop(-1)
+    skipped = AttnLabCache(model.config)
+    model.config.skip_nonstandard = True
+    with torch.no_grad():
+        model(torch.randint(1, 61, (1, 4)), cache=skipped)
+    assert skipped.layers[1].is_croppable and skipped.is_croppable  # skip mode never writes the running sum
+    skipped.crop(-1)
+    assert skipped.get_seq_length() == 3
+
+
+def test_the_cache_is_taken_under_either_name_and_two_different_ones_are_refused():
+    model = _model(["standard", "approximate"])
+    prompt = torch.randint(1, 61, (2, 6))
+    with torch.no_grad():
+        expected = model(prompt).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            cache = getattr(model(prompt[:, :4], use_cache=True), CACHE_NAME)
+            output = model(prompt[:, 4:], **{name: cache})
+            assert getattr(output, CACHE_NAME) is cache and cache.get_seq_length() == 6
+            torch.testing.assert_close(output.logits[:, -1], expected, atol=1e-5, rtol=0)
+        cache = AttnLabCache(model.config)
+        model(prompt, cache=cache, past_key_values=cache)  # the same cache under both names is one cache
+        with pytest.raises(ValueError, match="two different caches"):
+            model(prompt, cache=AttnLabCache(model.config), past_key_values=AttnLabCache(model.config))
+
+
+def test_generate_continues_a_cache_the_caller_passes():
+    model = _model(["standard", "nonapprox", "rndembqk"])
+    prompt = torch.randint(1, 61, (2, 5))
+    cache = AttnLabCache(model.config)
+    cached = _greedy(model, prompt, use_cache=True, **{CACHE_NAME: cache})
+    assert getattr(cached, CACHE_NAME) is cache and cache.get_seq_length() == 5 + 12 - 1
+    _assert_same_generation(cached, _greedy(model, prompt, use_cache=False))
+
+
+def test_generation_raises_no_deprecation_warning_from_attnlab_calls():
+    model = _model(["standard", "approximate", "rndembqk"])
+    prompt = torch.randint(1, 61, (2, 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _greedy(model, prompt, use_cache=True, max_new_tokens=3)
+        model.generate(prompt, max_new_tokens=3, num_beams=2, pad_token_id=0)
+    deprecations = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecations, [str(w.message) for w in deprecations]

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from attnlab.cli import main
+from attnlab.environment import installed_version
 from attnlab.evaluation import (
     PAPER_TASKS,
     describe_pattern,
@@ -185,7 +187,9 @@ def test_results_keep_the_harness_structure_with_sane_values(record, checkpoint)
     assert meta["mixer_types"] == ["standard", "approximate"]
     assert (meta["kind"], meta["mixer"], meta["skip_nonstandard"]) == ("hybrid", "approximate", False)
     assert meta["checkpoint"] == str(checkpoint)
-    assert meta["parameters"] > 0 and meta["harness_version"]
+    assert meta["parameters"] > 0
+    assert meta["versions"]["lm-eval"] == installed_version("lm-eval") is not None
+    assert meta["versions"]["transformers"] == transformers.__version__
     assert (meta["trained_seq_len"], meta["max_length"]) == (128, 128)  # not max_position_embeddings (256)
 
 

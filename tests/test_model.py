@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from attnlab import MIXER_NAMES, AttnLabForCausalLM
+from attnlab.cache import CACHE_NAME
 from attnlab.export import to_qwen2, to_qwen3
 from attnlab.model import default_fixed_sequence, default_shadow_noise
 
@@ -290,7 +291,8 @@ def test_a_folder_without_generation_config_still_decodes_with_the_cache(tmp_pat
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert model.config.use_cache is False  # the training default stays
     output = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, return_dict_in_generate=True)
-    assert output.past_key_values is not None and output.past_key_values.get_seq_length() == 4
+    cache = getattr(output, CACHE_NAME)
+    assert cache is not None and cache.get_seq_length() == 4
 
 
 def test_resizing_below_the_fixed_sequence_ids_is_refused():

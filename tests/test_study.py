@@ -17,6 +17,7 @@ import torch
 
 from attnlab import cli
 from attnlab.config import PLACEMENTS, resolve_layer_pattern
+from attnlab.environment import installed_version
 from attnlab.report import (
     AGREES,
     CANNOT_TELL,
@@ -104,6 +105,8 @@ def assert_complete(out: Path, study: Study) -> None:
             assert record is not None and record["exit"] == 0, (run.name, stage)
     assert (out / "analysis" / "uniform" / "indicators.json").is_file()
     assert (out / "report.md").is_file() and (out / "report.csv").is_file()
+    software = (out / "report.md").read_text().split("## Software\n", 1)[1]
+    assert f"transformers {installed_version('transformers')}" in software and "installed packages: " in software
 
 
 # ------------------------------------------------------------------------------------------------- presets

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import attnlab  # noqa: F401  (registers the Auto classes)
 from attnlab.cli import main
+from attnlab.environment import installed_version
 from attnlab.runconfig import check_resume_compatible, resolve_run_config
 
 from .conftest import ctrl_c_reaches_children
@@ -115,6 +116,7 @@ def test_a_run_writes_metrics_checkpoints_and_a_loadable_final_model(uninterrupt
     assert model.config.vocab_size == 320 and len(tokenizer) <= 320
     resolved = yaml.safe_load((uninterrupted / "run_config.yaml").read_text())
     assert resolved["train"]["max_steps"] == 12 and resolved["model"]["hidden_size"] == 32
+    assert resolved["versions"]["torch"] == installed_version("torch")  # recorded by the training process
     checkpoint = AutoModelForCausalLM.from_pretrained(uninterrupted / "checkpoint-12")
     for (name, final), (_, saved) in zip(model.state_dict().items(), checkpoint.state_dict().items()):
         assert torch.equal(final, saved), name

@@ -45,12 +45,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 from torch.utils import _pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .cache import AttnLabCache, RecurrentStateLayer
 from .config import MIXER_NAMES, AttnLabConfig
+from .environment import versions
 from .mixers import MIXERS
 from .model import AttnLabForCausalLM
 from .presets import model_options
@@ -361,13 +361,13 @@ def prefill_and_decode(
     synchronize(device)
     tables = time.perf_counter() - start
     start = time.perf_counter()
-    model(token_ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(token_ids[:, :context], cache=cache, use_cache=True, logits_to_keep=1)
     synchronize(device)
     prefill = time.perf_counter() - start
     cache_bytes = [layer_cache_bytes(layer) for layer in cache.layers]
     start = time.perf_counter()
     for index in range(context, context + decode_tokens):
-        model(token_ids[:, index : index + 1], past_key_values=cache, use_cache=True)
+        model(token_ids[:, index : index + 1], cache=cache, use_cache=True)
     synchronize(device)
     return {
         "tables": tables,
@@ -385,11 +385,11 @@ def prefill_peak_memory(model: AttnLabForCausalLM, token_ids: torch.Tensor, devi
         synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        model(token_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(token_ids, cache=cache, use_cache=True, logits_to_keep=1)
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     with LiveTensorBytes() as tracker:
-        model(token_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(token_ids, cache=cache, use_cache=True, logits_to_keep=1)
     return tracker.peak
 
 
@@ -459,9 +459,7 @@ def run_bench(settings: BenchSettings, out_dir: str | Path) -> dict:
         peak = measure_matmul_peak(device, settings.matmul_size)
         results: dict = {
             "environment": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "python": platform.python_version(),
+                **versions(),
                 "platform": platform.platform(),
                 "processor": platform.processor() or platform.machine(),
                 "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",

@@ -26,6 +26,11 @@ layer's own kind of state in one object:
 `get_seq_length()` is the number of tokens the cache has absorbed (all layers see the same tokens; a
 recurrent layer has no length of its own). Recurrent states cannot be rolled back, so `crop` (assisted
 decoding) is refused for models with approximate/nonapprox layers; beam search (`reorder_cache`) works.
+
+transformers 5.24 renamed the cache from `past_key_values` to `cache` (model outputs, `generate`'s model
+keyword arguments, `prepare_inputs_for_generation`). `CACHE_NAME` is the name the installed transformers
+uses, read once off its output class; attnlab models accept either name and return the cache under
+`CACHE_NAME`.
 """
 
 from __future__ import annotations
@@ -34,9 +39,29 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import Cache, DummyLayer, DynamicLayer, LinearAttentionCacheLayerMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 if TYPE_CHECKING:
     from .config import AttnLabConfig
+
+CACHE_NAMES = ("cache", "past_key_values")  # transformers ≥ 5.24, then the name before it
+CACHE_NAME = next(name for name in CACHE_NAMES if name in BaseModelOutputWithPast.__dataclass_fields__)
+RECURRENT_MIXERS = ("approximate", "nonapprox")  # whose decode state is a running sum: it cannot be rolled back
+ROLLBACK_REFUSAL = (
+    "a recurrent (approximate/nonapprox) decode state cannot be rolled back, so assisted decoding (prompt lookup, "
+    "an assistant model) cannot use it; decode without assisted generation, or with use_cache=False"
+)
+
+
+def take_cache(arguments: dict) -> Cache | None:
+    """Remove the cache from `arguments` (given under either of `CACHE_NAMES`) and return it, or None.
+
+    Refuses two different caches: one decode state per model call."""
+    given = [cache for cache in (arguments.pop(name, None) for name in CACHE_NAMES) if cache is not None]
+    if len(given) == 2 and given[0] is not given[1]:
+        raise ValueError("two different caches were passed, as cache= and past_key_values=; pass one of them")
+    return given[0] if given else None
+
 
 TAYLOR_STATE_NAMES = ("value_sum", "key_count", "key_value_sum", "key_sum", "key2_value_sum", "key2_sum")
 PREFIX_SOFTMAX_STATE_NAMES = ("running_max", "weighted_sum", "weight_sum")
@@ -136,12 +161,14 @@ class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
             if self.has_previous_state[index]:
                 self.recurrent_states[index] = function(self.recurrent_states[index])
 
+    @property
+    def is_croppable(self) -> bool:
+        """Only while it holds no state (a layer that skip mode never runs): a running sum cannot be rolled back."""
+        return not any(self.has_previous_state.values())
+
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove != 0 and any(self.has_previous_state.values()):  # an empty state (a skipped layer) has none
-            raise ValueError(
-                "a recurrent (approximate/nonapprox) decode state cannot be rolled back; "
-                "decode without assisted generation, or with use_cache=False"
-            )
+        if tokens_to_remove != 0 and not self.is_croppable:
+            raise ValueError(ROLLBACK_REFUSAL)
 
 
 def layer_cache_for(mixer_type: str):
@@ -150,10 +177,8 @@ def layer_cache_for(mixer_type: str):
         return DynamicLayer()
     if mixer_type in ("rndembqk", "fixedseqqk"):
         return SharedMapLayer()
-    if mixer_type == "approximate":
-        return RecurrentStateLayer(TAYLOR_STATE_NAMES)
-    if mixer_type == "nonapprox":
-        return RecurrentStateLayer(PREFIX_SOFTMAX_STATE_NAMES)
+    if mixer_type in RECURRENT_MIXERS:
+        return RecurrentStateLayer(TAYLOR_STATE_NAMES if mixer_type == "approximate" else PREFIX_SOFTMAX_STATE_NAMES)
     if mixer_type == "mlp":
         return DummyLayer()
     raise ValueError(f"no decode cache is defined for mixer {mixer_type!r}")

@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from . import presets
+from . import __version__, presets
 
 # Architecture flags shared by subcommands that build a model: flag → AttnLabConfig field.
 MODEL_FLAGS = {
@@ -58,6 +58,31 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 def model_overrides(args: argparse.Namespace) -> dict:
     fields = [field for field, _ in MODEL_FLAGS.values()] + list(MODEL_SWITCHES.values())
     return {field: getattr(args, field) for field in fields if getattr(args, field) is not None}
+
+
+def command_env(args: argparse.Namespace) -> int:
+    from .environment import LOCK_FILE_NAME, default_lock_path, lock_differences, read_lock, versions
+
+    record = versions()
+    lock_path = Path(args.lock) if args.lock else default_lock_path()
+    lock = read_lock(lock_path) if lock_path is not None else None
+    width = max(len(name) for name in record)
+    for name, version in record.items():
+        if name == "lock":
+            continue
+        locked = (lock or {}).get(name)
+        note = "" if locked is None else f"  (lock {locked})"
+        print(f"{name:<{width}}  {version or 'not installed'}{note}")
+    if lock is None:
+        print(f"lock: none found (no {LOCK_FILE_NAME}: attnlab is not installed from its source tree; pass --lock)")
+        return 1 if args.check else 0
+    differences = lock_differences(lock)
+    if not differences:
+        print(f"lock: {lock_path}: all {len(lock)} pinned packages that are installed match")
+        return 0
+    listed = ", ".join(str(difference) for difference in differences)
+    print(f"lock: {lock_path}: {len(differences)} installed package(s) differ: {listed}")
+    return 1 if args.check else 0
 
 
 def command_params(args: argparse.Namespace) -> int:
@@ -373,7 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="attnlab", description="Which parts of attention matter? (Deconstructing Attention, arXiv 2510.11602)"
     )
+    parser.add_argument("--version", action="version", version=f"attnlab {__version__}")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    env = subcommands.add_parser(
+        "env",
+        help="versions of attnlab, torch, transformers, lm-eval, datasets, tokenizers; do they match the lock?",
+        description="Print the versions that attnlab records in every result, and compare every installed "
+        "package pinned in the lock (requirements.lock of attnlab's source tree) with its pin.",
+    )
+    env.add_argument("--lock", metavar="FILE", help="the lock to compare with (default: the source tree's)")
+    env.add_argument("--check", action="store_true", help="exit 1 when a package differs from the lock")
+    env.set_defaults(handler=command_env)
     params = subcommands.add_parser(
         "params",
         help="parameter counts of the seven variants, uniform and hybrid",

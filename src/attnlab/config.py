@@ -14,6 +14,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
 from transformers.generation import GenerationConfig
 
+from .cache import CACHE_NAME
+
 MIXER_NAMES: tuple[str, ...] = (
     "standard",
     "mlp",
@@ -129,7 +131,7 @@ class AttnLabConfig(PretrainedConfig):
     """
 
     model_type = "attnlab"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE_NAME]
 
     vocab_size: int = 4096
     hidden_size: int = 128

@@ -38,6 +38,7 @@ import yaml
 from safetensors import SafetensorError
 
 from . import synthetic
+from .environment import versions
 from .tasks import BUILTIN_TASKS, TASKS_DIR
 
 # Paper §5 and Table 1: seven zero-shot NLU tasks, then WikiText and LAMBADA (OpenAI).
@@ -541,7 +542,6 @@ def evaluate_checkpoint(
         "eval_data": selection.eval_data if selection else None,
         "limit": limit,
         "batch_size": batch_size,
-        "harness_version": _version("lm-eval"),
     }
     return record
 
@@ -558,8 +558,7 @@ def checkpoint_metadata(checkpoint, loaded: LoadedCheckpoint, skip_nonstandard: 
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "device": device,
         "dtype": dtype,
-        "attnlab_version": _version("attnlab"),
-        "torch_version": torch.__version__,
+        "versions": versions(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
@@ -647,15 +646,6 @@ def perplexity_by_context(
             name: metrics[f"{name},none"] for name in ("word_perplexity", "byte_perplexity", "bits_per_byte")
         }
     return {"data": str(path), "by_context": table}
-
-
-def _version(distribution: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return None
 
 
 def load_records(path: str | Path) -> list[dict]:

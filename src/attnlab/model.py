@@ -23,11 +23,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation import GenerationMode
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
-from .cache import AttnLabCache
+from .cache import CACHE_NAME, RECURRENT_MIXERS, ROLLBACK_REFUSAL, AttnLabCache, take_cache
 from .config import AttnLabConfig
 from .losses import fused_causal_lm_loss
 from .mixers import MixerInputs, MixerOutput, build_mixer
@@ -267,27 +268,30 @@ class AttnLabModel(AttnLabPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: AttnLabCache | None = None,
+        cache: AttnLabCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_mixer_scores: bool = False,
         mixer_implementation: str | None = None,
+        past_key_values: AttnLabCache | None = None,
         **kwargs,
     ) -> AttnLabModelOutput:
-        """With `past_key_values` (an `AttnLabCache`, or a new one when `use_cache=True`) the inputs are the
-        tokens after the cached ones, `attention_mask` covers the cached and the new tokens ([batch,
-        past + seq]), and the updated cache is returned as `past_key_values`."""
+        """With `cache` (an `AttnLabCache`, or a new one when `use_cache=True`; `past_key_values` is the same
+        argument under its name before transformers 5.24) the inputs are the tokens after the cached ones,
+        `attention_mask` covers the cached and the new tokens ([batch, past + seq]), and the updated cache is
+        returned under `attnlab.cache.CACHE_NAME`, the installed transformers' name for it."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if past_key_values is not None and not isinstance(past_key_values, AttnLabCache):
+        given_cache = take_cache({"cache": cache, "past_key_values": past_key_values})
+        if given_cache is not None and not isinstance(given_cache, AttnLabCache):
             raise ValueError(
                 f"attnlab models decode with their own per-layer cache; pass an attnlab.cache.AttnLabCache (or "
-                f"use_cache=True and no past_key_values), not a {type(past_key_values).__name__}"
+                f"use_cache=True and no cache), not a {type(given_cache).__name__}"
             )
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = past_key_values if past_key_values is not None else AttnLabCache(self.config) if use_cache else None
+        cache = given_cache if given_cache is not None else AttnLabCache(self.config) if use_cache else None
         training_with_cache = cache is not None and self.training and torch.is_grad_enabled()
         if training_with_cache and any(layer.gradient_checkpointing for layer in self.layers):
             raise ValueError(
@@ -348,7 +352,7 @@ class AttnLabModel(AttnLabPreTrainedModel):
             cache.seen_tokens += seq_len
         return AttnLabModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=cache,
+            **{CACHE_NAME: cache},
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             attentions=tuple(all_weights) if output_attentions else None,
             mixer_scores=tuple(all_scores) if output_mixer_scores else None,
@@ -414,24 +418,32 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
                 )
         return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, **kwargs)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, *args, **kwargs) -> None:
         """`generate`'s hook for building the cache: an `AttnLabCache` (one state per layer, of its mixer's
-        kind), instead of transformers' `DynamicCache`, which has no place for recurrent states."""
-        user_cache = model_kwargs.get("past_key_values")
+        kind), instead of transformers' `DynamicCache`, which has no place for recurrent states. The cache
+        goes into `model_kwargs` under the installed transformers' name for it (`CACHE_NAME`), whichever name
+        the caller used; assisted decoding is refused up front when a running layer keeps a running sum."""
+        user_cache = take_cache(model_kwargs)
         if user_cache is not None and not isinstance(user_cache, AttnLabCache):
             raise ValueError(
                 f"attnlab models decode with attnlab.cache.AttnLabCache, not {type(user_cache).__name__}; "
-                "pass AttnLabCache(model.config) or no past_key_values"
+                "pass AttnLabCache(model.config) or no cache"
             )
-        if user_cache is None and generation_config.use_cache is not False:
+        use_cache = user_cache is not None or generation_config.use_cache is not False
+        running_sums = any(layer.mixer_type in RECURRENT_MIXERS for layer in self.model.active_layers())
+        if use_cache and running_sums and generation_mode == GenerationMode.ASSISTED_GENERATION:
+            raise ValueError(ROLLBACK_REFUSAL)
+        if user_cache is None and use_cache:
             if generation_config.cache_implementation not in (None, "dynamic"):
                 raise ValueError(
                     f"cache_implementation={generation_config.cache_implementation!r} is not supported: attnlab "
                     "models keep their own per-layer cache (leave cache_implementation unset)"
                 )
-            model_kwargs["past_key_values"] = AttnLabCache(self.config)
+            model_kwargs[CACHE_NAME] = AttnLabCache(self.config)
             return
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if user_cache is not None:
+            model_kwargs[CACHE_NAME] = user_cache
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -451,7 +463,7 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache: AttnLabCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -461,6 +473,7 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
         mixer_implementation: str | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
+        past_key_values: AttnLabCache | None = None,
         **kwargs,
     ) -> AttnLabCausalLMOutput:
         """Logits (and the shifted next-token loss when `labels` are given; -100 labels are ignored).
@@ -477,7 +490,7 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=take_cache({"cache": cache, "past_key_values": past_key_values}),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -500,7 +513,7 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
         return AttnLabCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             mixer_scores=outputs.mixer_scores,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import resolve_layer_pattern
+from .environment import versions
 from .runconfig import write_text_atomic
 from .study import STUDY_FILES, run_folder, share_pattern
 
@@ -752,6 +753,12 @@ def _recall_loss_figure(out: Path, study) -> list[Path]:
     return loss_curves(metrics, out / "figures", name="recall_loss_curves", labels=labels)
 
 
+def software_line(record: dict[str, str | None]) -> str:
+    """The versions of the process that wrote the report (`attnlab.environment.versions`), in one line."""
+    packages = ", ".join(f"{name} {version or 'not installed'}" for name, version in record.items() if name != "lock")
+    return f"Written with {packages}; installed packages: {record.get('lock')}."
+
+
 def write_report(out: str | Path, study) -> Path:
     """Write `out/report.md`, `out/report.csv` and the recall loss curves; return the report's path."""
     out = Path(out)
@@ -801,6 +808,7 @@ def write_report(out: str | Path, study) -> Path:
         ]
     lines += ["", "## Figures", ""]
     lines += [link + "\n" for link in _figure_links(out)]
+    lines += ["## Software", "", software_line(versions())]
     write_text_atomic(out / "report.csv", csv_rows(rows))
     path = out / "report.md"
     write_text_atomic(path, "\n".join(lines) + "\n")

@@ -18,6 +18,7 @@ import yaml
 
 from . import presets, synthetic
 from .config import AttnLabConfig
+from .environment import versions
 
 
 @dataclass
@@ -87,7 +88,10 @@ class RunConfig:
         return {"preset": self.preset, "model": dict(self.model), "train": dataclasses.asdict(self.train)}
 
     def write(self, path: Path) -> None:
-        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """The resolved configuration, and the software versions of the process that writes it (a record:
+        `--config` and `--resume` read only the `model` and `train` sections)."""
+        record = {**self.to_dict(), "versions": versions()}
+        write_text_atomic(path, yaml.safe_dump(record, sort_keys=False))
 
 
 def resolve_run_config(
