@@ -48,8 +48,8 @@ CACHE_NAMES = ("cache", "past_key_values")  # transformers ≥ 5.24, then the na
 CACHE_NAME = next(name for name in CACHE_NAMES if name in BaseModelOutputWithPast.__dataclass_fields__)
 RECURRENT_MIXERS = ("approximate", "nonapprox")  # whose decode state is a running sum: it cannot be rolled back
 ROLLBACK_REFUSAL = (
-    "a recurrent (approximate/nonapprox) decode state cannot be rolled back, so assisted decoding (prompt lookup, "
-    "an assistant model) cannot use it; decode without assisted generation, or with use_cache=False"
+    "a recurrent (approximate/nonapprox) decode state cannot be rolled back, so assisted decoding cannot use it; "
+    "generate without prompt_lookup_num_tokens and assistant_model (or skip those layers: skip_nonstandard=True)"
 )
 
 
