@@ -89,7 +89,7 @@ class RunConfig:
 
     def write(self, path: Path) -> None:
         """The resolved configuration, and the software versions of the process that writes it (a record:
-        `--config` and `--resume` read only the `model` and `train` sections)."""
+        `--resume` compares only the `model` and `train` sections)."""
         record = {**self.to_dict(), "versions": versions()}
         write_text_atomic(path, yaml.safe_dump(record, sort_keys=False))
 
