@@ -54,3 +54,13 @@ def _single_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class PicklePayload:
+    """Unpickling this creates `marker`: a stand-in for arbitrary code in a crafted file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))

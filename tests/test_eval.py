@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from attnlab import AttnLabForCausalLM
 from attnlab.cli import main
 from attnlab.environment import installed_version
 from attnlab.evaluation import (
@@ -24,6 +25,8 @@ from attnlab.evaluation import (
     results_json,
 )
 from attnlab.tasks import BUILTIN_TASKS
+
+from .conftest import PicklePayload, tiny_config
 
 TINY_HYBRID = [
     "--hidden-size",
@@ -361,6 +364,23 @@ def test_bad_checkpoints_give_one_line(tmp_path, capsys):
     foreign.mkdir()
     (foreign / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     assert "holds a 'qwen2' model, not an attnlab one" in _one_line_error(capsys, ["eval", str(foreign)])
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "config.json").write_text("[1, 2]")
+    assert "is not a JSON model config" in _one_line_error(capsys, ["eval", str(tmp_path / "list")])
+
+
+def test_pickled_weights_are_refused_without_being_read(tmp_path, capsys):
+    """attnlab writes safetensors only; a pytorch_model.bin is a pickle, which loading would execute."""
+    pickled = tmp_path / "pickled"
+    model = AttnLabForCausalLM(tiny_config())
+    model.config.save_pretrained(pickled)
+    marker = tmp_path / "ran"
+    torch.save({"weights": model.state_dict(), "payload": PicklePayload(marker)}, pickled / "pytorch_model.bin")
+    error = _one_line_error(capsys, ["eval", str(pickled), "--tasks", "cloze"])
+    assert "holds pickled PyTorch weights (*.bin), which attnlab does not load" in error
+    assert not marker.exists()
+    torch.load(pickled / "pytorch_model.bin", weights_only=False)  # what a pickle loader would have done
+    assert marker.exists()
 
 
 def test_bad_tasks_give_one_line(checkpoint, tmp_path, capsys):

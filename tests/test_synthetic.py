@@ -15,6 +15,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 import attnlab  # noqa: F401  (registers the Auto classes)
 from attnlab import synthetic
+from attnlab import train as attnlab_train
 from attnlab.evaluation import load_checkpoint
 from attnlab.losses import IGNORE_INDEX
 from attnlab.runconfig import resolve_run_config
@@ -28,6 +29,8 @@ from attnlab.synthetic import (
     recall_accuracy,
 )
 from attnlab.train import TrainingDiverged, train
+
+from .faulty_attnlab import InjectedFault
 
 MQAR_SPECS = [
     "mqar",
@@ -228,9 +231,9 @@ def test_train_on_mqar_logs_accuracy_and_saves_a_loadable_model(tmp_path):
 
 def test_resume_on_mqar_reproduces_every_loss(tmp_path, monkeypatch):
     uninterrupted = read_metrics(train(mqar_run(), tmp_path / "whole"))
-    monkeypatch.setenv("ATTNLAB_FAULT", "nan-at-step:5")  # stops the run after checkpoint-4
+    monkeypatch.setattr(attnlab_train, "fault_hooks", InjectedFault("nan-at-step:5"))  # stops after checkpoint-4
     with pytest.raises(TrainingDiverged):
         train(mqar_run(), tmp_path / "interrupted")
-    monkeypatch.delenv("ATTNLAB_FAULT")
+    monkeypatch.undo()
     resumed = read_metrics(train(mqar_run(), tmp_path / "interrupted", resume=True))
     assert resumed == [{**record, "tokens_per_s": resumed[i]["tokens_per_s"]} for i, record in enumerate(uninterrupted)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from attnlab.cli import main
 from attnlab.environment import installed_version
 from attnlab.runconfig import check_resume_compatible, resolve_run_config
 
-from .conftest import ctrl_c_reaches_children
+from .conftest import PicklePayload, ctrl_c_reaches_children
 
 TINY_MODEL = [
     "--hidden-size",
@@ -68,12 +69,17 @@ def tiny_train_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+FAULTY_ATTNLAB = Path(__file__).with_name("faulty_attnlab.py")
+
+
 def run_attnlab(args: list[str], fault: str | None = None, launcher: list[str] | None = None):
+    """`attnlab ARGS` in a child process; with `fault`, through the test-only launcher that injects it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("ATTNLAB_FAULT", None)
     if fault:
-        env["ATTNLAB_FAULT"] = fault
-    command = (launcher or [sys.executable, "-m"]) + ["attnlab", *args]
+        assert launcher is None
+        command = [sys.executable, str(FAULTY_ATTNLAB), fault, *args]
+    else:
+        command = (launcher or [sys.executable, "-m"]) + ["attnlab", *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -130,6 +136,35 @@ def test_resume_after_sigkill_reproduces_every_loss(corpus, uninterrupted, tmp_p
     resumed = run_attnlab(tiny_train_args(corpus, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert losses(out) == losses(uninterrupted)  # bit-identical on CPU, steps 5..12 recomputed from step 4
+
+
+def test_a_crafted_trainer_state_is_refused_and_never_runs(corpus, uninterrupted, tmp_path):
+    out = tmp_path / "crafted"
+    shutil.copytree(uninterrupted, out)
+    marker = tmp_path / "ran"
+    state_file = out / "checkpoint-12" / "trainer_state.pt"
+    torch.save({**torch.load(state_file, weights_only=True), "payload": PicklePayload(marker)}, state_file)
+    resumed = run_attnlab(tiny_train_args(corpus, out, "--resume", "--max-steps", "16"))
+    assert resumed.returncode == 2 and not marker.exists()
+    assert resumed.stderr.strip().splitlines() == [
+        f"attnlab: error: {state_file} holds Python objects other than tensors and plain values; attnlab does not "
+        "unpickle them (that could run code). It was not written by attnlab: resume from a checkpoint you trust"
+    ]
+    assert losses(out) == losses(uninterrupted)  # nothing was rewritten on the way
+
+
+def test_the_fault_environment_variable_of_old_versions_does_nothing(corpus, tmp_path):
+    out = tmp_path / "unfaulted"
+    env_fault = {**os.environ, "ATTNLAB_FAULT": "kill-at-step:2", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "attnlab", *tiny_train_args(corpus, out, "--max-steps", "3")],
+        capture_output=True,
+        text=True,
+        env=env_fault,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(losses(out)) == [1, 2, 3]
 
 
 def test_activation_checkpointing_trains_the_same_model(corpus, uninterrupted, tmp_path):

@@ -384,21 +384,9 @@ def checkpoint_labels(checkpoints: Sequence[str | Path]) -> list[str]:
 
 def _checkpoint_config(path: Path) -> dict:
     """The saved config of a checkpoint, checked as far as can be without loading it (one-line errors)."""
-    from .evaluation import find_tokenizer_folder
+    from .evaluation import check_checkpoint, find_tokenizer_folder
 
-    if not path.exists():
-        raise ValueError(f"checkpoint {path} does not exist")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{path} has no config.json; give a training output folder or its checkpoint-<step> folder")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{config_file} is not a JSON model config") from None
-    if not isinstance(config, dict) or config.get("model_type") != "attnlab":
-        raise ValueError(f"{path} is not an attnlab checkpoint (its config.json has no model_type 'attnlab')")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ValueError(f"{path} has a config but no weights (*.safetensors); the save did not finish")
+    config = check_checkpoint(path)
     find_tokenizer_folder(path)
     return config
 

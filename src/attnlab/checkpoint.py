@@ -4,11 +4,16 @@ A checkpoint folder holds the model (`save_pretrained`: config.json + model.safe
 `trainer_state.pt` (optimizer, scheduler, RNG states, data position, counters). It is written under a
 temporary name and renamed when complete, so a kill at any instant leaves the previous checkpoint intact;
 only folders named `checkpoint-<step>` that contain `trainer_state.pt` count as complete.
+
+Loading never runs code from a file: the weights are safetensors, and `trainer_state.pt` is read with
+`torch.load(weights_only=True)`, whose unpickler builds only tensors and plain values (numbers, strings,
+lists, tuples, dicts) — everything attnlab writes there. A file holding anything else is refused.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -67,7 +72,17 @@ def save_checkpoint(
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=False)
+    """The trainer state of a checkpoint, unpickled with only tensors and plain values allowed."""
+    path = checkpoint / TRAINER_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path} holds Python objects other than tensors and plain values; attnlab does not unpickle them "
+            "(that could run code). It was not written by attnlab: resume from a checkpoint you trust"
+        ) from None
+    except (EOFError, RuntimeError) as error:  # a truncated or otherwise damaged file
+        raise ValueError(f"{path} cannot be read ({str(error).splitlines()[0]}); the file is damaged") from None
 
 
 def remove_stale_temporaries(out: Path) -> None:

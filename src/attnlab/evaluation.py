@@ -188,22 +188,32 @@ def find_tokenizer_folder(path: Path) -> Path:
     raise ValueError(f"no tokenizer next to checkpoint {path} (nor in {path.parent}); attnlab train saves one in --out")
 
 
-def check_checkpoint(path: Path) -> None:
-    """ValueError with one line unless `path` is a complete attnlab checkpoint folder (config and weights);
-    reads no weights."""
+def check_checkpoint(path: Path) -> dict:
+    """The saved config.json of a complete attnlab checkpoint folder (config and safetensors weights); else
+    ValueError with one line. Reads no weights."""
     config_file = path / "config.json"
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
     if not config_file.is_file():
         raise ValueError(f"{path} has no config.json; give a training output folder or its checkpoint-<step> folder")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{config_file} is not a JSON model config") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} is not a JSON model config")
+    model_type = config.get("model_type")
     if model_type != "attnlab":
         raise ValueError(f"{path} holds a {model_type!r} model, not an attnlab one (model_type 'attnlab')")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+    if not any(path.glob("*.safetensors")):
+        if any(path.glob("*.bin")):
+            raise ValueError(
+                f"{path} holds pickled PyTorch weights (*.bin), which attnlab does not load (unpickling can run "
+                "code); in a session you trust, re-save them: AutoModelForCausalLM.from_pretrained(path)"
+                ".save_pretrained(path)"
+            )
         raise ValueError(f"{path} has a config but no weights (*.safetensors); the save did not finish")
+    return config
 
 
 def load_checkpoint(
@@ -229,7 +239,7 @@ def load_checkpoint(
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, skip_nonstandard=skip_nonstandard
+            path, dtype=torch_dtype, skip_nonstandard=skip_nonstandard, use_safetensors=True
         )
     except (OSError, RuntimeError, SafetensorError) as error:  # a truncated copy, or weights of another shape
         raise ValueError(

@@ -10,9 +10,8 @@ labels (-100 where nothing is scored), and the held-out evaluation also logs `ev
 Under `torchrun` every rank runs this same function: DDP (or FSDP2 with `parallel: fsdp`), gloo on CPU,
 NCCL on CUDA; the data stream is sharded by rank; rank 0 logs and writes files.
 
-Fault injection for tests (environment variable `ATTNLAB_FAULT`): `kill-at-step:N` SIGKILLs the process
-before optimizer step N, `kill-during-save:N` SIGKILLs it while checkpoint N is half-written,
-`nan-at-step:N` makes the loss of step N non-finite.
+Faults (a kill before a step or during a save, a non-finite loss) are injected by the test suite through
+`fault_hooks`, which only its own launcher replaces; no environment variable reaches them.
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +148,7 @@ def _train(run: RunConfig, out: Path, resume: bool, devices: Devices) -> Path:
 
     # Model: from the checkpoint when resuming (exact weights and buffers), else from the config.
     if checkpoint is not None:
-        model = AttnLabForCausalLM.from_pretrained(checkpoint)
+        model = AttnLabForCausalLM.from_pretrained(checkpoint, use_safetensors=True)
     else:
         model = AttnLabForCausalLM(_model_config(run, vocabulary))
         if "fixedseqqk" in model.config.mixer_types:  # t_s = the first L_max tokens of the training data
@@ -194,7 +193,7 @@ def _train(run: RunConfig, out: Path, resume: bool, devices: Devices) -> Path:
         torch.autocast("cuda", dtype=torch.bfloat16) if devices.device.type == "cuda" else nullcontext()
     )  # fp32 on CPU, bf16 autocast on CUDA
     tokens_per_step = settings.global_batch_size * settings.seq_len
-    fault = _Fault.from_environment()
+    fault = fault_hooks
 
     while step < total_steps:
         fault.maybe_kill_before_step(step + 1)
@@ -439,37 +438,23 @@ def _describe_divergence(model, batch, step: int, loss, grad_norm, out: Path) ->
     return f"training diverged at step {step}: {what}{where}{kept}"
 
 
-class _Fault:
-    """Fault injection for tests, from ATTNLAB_FAULT (see the module docstring)."""
-
-    def __init__(self, kind: str | None = None, step: int | None = None) -> None:
-        self.kind, self.step = kind, step
-
-    @classmethod
-    def from_environment(cls) -> _Fault:
-        spec = os.environ.get("ATTNLAB_FAULT")
-        if not spec:
-            return cls()
-        kind, _, step = spec.partition(":")
-        if kind not in ("kill-at-step", "kill-during-save", "nan-at-step") or not step.isdigit():
-            raise ValueError(f"ATTNLAB_FAULT={spec!r} is not kill-at-step:N, kill-during-save:N or nan-at-step:N")
-        return cls(kind, int(step))
+class FaultHooks:
+    """Where the test suite injects faults (its own subclass, installed as `fault_hooks` by a test-only
+    launcher, tests/faulty_attnlab.py); here every hook does nothing, whatever the environment says."""
 
     def maybe_kill_before_step(self, step: int) -> None:
-        if self.kind == "kill-at-step" and step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        """Called before optimizer step `step`."""
 
-    def kill_during_save(self, step: int):
-        if self.kind == "kill-during-save" and step == self.step:
-            return lambda: os.kill(os.getpid(), signal.SIGKILL)
+    def kill_during_save(self, step: int) -> Callable[[], None] | None:
+        """What to run once checkpoint `step`'s weights are written, before its trainer state."""
         return None
 
     def poisons(self, step: int) -> bool:
-        """True once, for the first micro-batch of step N."""
-        if self.kind == "nan-at-step" and step == self.step:
-            self.kind = None
-            return True
+        """Whether the loss of step `step` is to be made non-finite."""
         return False
+
+
+fault_hooks = FaultHooks()
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
