@@ -3,7 +3,8 @@
     python tests/faulty_attnlab.py FAULT ARGS...
 
 FAULT is `kill-at-step:N` (SIGKILL before optimizer step N), `kill-during-save:N` (SIGKILL once checkpoint
-N's weights are written, before its trainer state) or `nan-at-step:N` (the loss of step N is non-finite).
+N's weights are written, before its trainer state), `nan-at-step:N` (the loss of step N is non-finite) or
+`wait-at-step:N:FILE` (before step N, wait until FILE exists: a run held mid-way while a test looks at it).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 from attnlab import train
 from attnlab.cli import main
@@ -18,14 +21,19 @@ from attnlab.cli import main
 
 class InjectedFault(train.FaultHooks):
     def __init__(self, spec: str) -> None:
-        kind, _, step = spec.partition(":")
-        if kind not in ("kill-at-step", "kill-during-save", "nan-at-step") or not step.isdigit():
-            raise SystemExit(f"fault {spec!r} is not kill-at-step:N, kill-during-save:N or nan-at-step:N")
-        self.kind, self.step = kind, int(step)
+        kind, _, rest = spec.partition(":")
+        step, _, release = rest.partition(":")
+        kinds = ("kill-at-step", "kill-during-save", "nan-at-step", "wait-at-step")
+        if kind not in kinds or not step.isdigit() or (kind == "wait-at-step") != bool(release):
+            raise SystemExit(f"fault {spec!r} is not one of {', '.join(kinds)} with a step (and a file to wait for)")
+        self.kind, self.step, self.release = kind, int(step), Path(release)
 
     def maybe_kill_before_step(self, step: int) -> None:
         if self.kind == "kill-at-step" and step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "wait-at-step" and step == self.step:
+            while not self.release.exists():
+                time.sleep(0.05)
 
     def kill_during_save(self, step: int):
         if self.kind == "kill-during-save" and step == self.step:

@@ -167,6 +167,61 @@ def test_the_fault_environment_variable_of_old_versions_does_nothing(corpus, tmp
     assert sorted(losses(out)) == [1, 2, 3]
 
 
+def test_an_unrelated_folder_is_refused_and_kept_byte_for_byte(corpus, tmp_path, capsys):
+    out = tmp_path / "project"
+    (out / "tensorboard").mkdir(parents=True)
+    files = {"notes.txt": b"my notes\n", "config.json": b'{"mine": true}', "tensorboard/events": b"\x00\x01"}
+    for name, content in files.items():
+        (out / name).write_bytes(content)
+    assert main(tiny_train_args(corpus, out)) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"attnlab: error: {out} is not empty (config.json, notes.txt, tensorboard) and holds no attnlab run; choose "
+        "a new or empty --out, or pass --overwrite to train there (attnlab's own files are replaced, the others kept)"
+    ]
+    assert sorted(str(path.relative_to(out)) for path in out.rglob("*")) == sorted([*files, "tensorboard"])
+    assert all((out / name).read_bytes() == content for name, content in files.items())
+
+
+def test_overwrite_replaces_attnlab_files_only(corpus, uninterrupted, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(uninterrupted, out)
+    (out / "notes.txt").write_text("mine\n")
+    refused = run_attnlab(tiny_train_args(corpus, out, "--max-steps", "4"))
+    assert refused.returncode == 2 and "pass --resume to continue it, --overwrite to replace it" in refused.stderr
+    replaced = run_attnlab(tiny_train_args(corpus, out, "--max-steps", "4", "--overwrite"))
+    assert replaced.returncode == 0, replaced.stderr
+    assert (out / "notes.txt").read_text() == "mine\n"
+    assert sorted(losses(out)) == [1, 2, 3, 4] and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    both = run_attnlab(tiny_train_args(corpus, out, "--resume", "--overwrite"))
+    assert both.returncode == 2 and "pass one of them" in both.stderr
+
+
+def test_a_second_writer_fails_at_once_and_the_first_keeps_its_run(corpus, uninterrupted, tmp_path):
+    out, release = tmp_path / "busy", tmp_path / "release"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    held = [sys.executable, str(FAULTY_ATTNLAB), f"wait-at-step:6:{release}", *tiny_train_args(corpus, out)]
+    first = subprocess.Popen(held, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(6000):  # until it waits before step 6 (at most 10 minutes)
+            metrics = out / "metrics.jsonl"
+            if first.poll() is not None or (metrics.is_file() and metrics.read_text().count("\n") == 5):
+                break
+            time.sleep(0.1)
+        second = run_attnlab(tiny_train_args(corpus, out))
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines() == [
+            f"attnlab: error: {out} is in use by another attnlab process (PID {first.pid}); wait for it to end, "
+            "or choose another folder"
+        ]
+        resumed = run_attnlab(tiny_train_args(corpus, out, "--resume"))
+        assert resumed.returncode == 2 and f"(PID {first.pid})" in resumed.stderr
+    finally:
+        release.touch()
+        _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr
+    assert losses(out) == losses(uninterrupted)  # the first run's metrics, whole
+
+
 def test_activation_checkpointing_trains_the_same_model(corpus, uninterrupted, tmp_path):
     """Recomputing each layer in backward changes memory, not arithmetic: the same loss at every step."""
     out = tmp_path / "checkpointed"

@@ -153,7 +153,7 @@ def command_train(args: argparse.Namespace) -> int:
     run = resolve_run_config(args.preset, args.config, model_options, train_overrides)
     out = args.out or f"runs/{args.preset}-{(args.layers or 'standard').replace(':', '-').replace(',', '-')}"
     try:
-        train(run, out, resume=args.resume)
+        train(run, out, resume=args.resume, overwrite=args.overwrite)
     except TrainingDiverged as error:
         print(f"attnlab: error: {error}", file=sys.stderr)
         return EXIT_DIVERGED
@@ -435,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", help="output folder (default: runs/<preset>-<layers>)")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train in an --out that holds other files or another run: attnlab's own files there are replaced",
+    )
     for flag, (field, kind, help_text) in TRAIN_FLAGS.items():
         train.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
     for flag, field in TRAIN_SWITCHES.items():

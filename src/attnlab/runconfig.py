@@ -8,11 +8,13 @@ unknown keys in either are rejected with the list of valid ones. The resolved co
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -191,6 +193,31 @@ def cannot_create_in(folder: Path) -> str | None:
         return error.strerror
 
 
+LOCK_FILE = ".attnlab.lock"  # in a folder an attnlab process writes; holds the writer's PID
+
+
+def lock_folder(folder: Path) -> IO[str]:
+    """Take the exclusive advisory lock (`flock`) of `folder`, which must exist, for as long as the returned
+    file stays open (the kernel drops it when the process dies). A second writer gets one line naming the
+    holder's PID."""
+    handle = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ValueError(
+            f"{folder} is in use by another attnlab process (PID {holder}); wait for it to end, "
+            "or choose another folder"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
@@ -203,4 +230,12 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-__all__ = ["RunConfig", "TrainConfig", "check_resume_compatible", "resolve_run_config", "write_text_atomic"]
+__all__ = [
+    "LOCK_FILE",
+    "RunConfig",
+    "TrainConfig",
+    "check_resume_compatible",
+    "lock_folder",
+    "resolve_run_config",
+    "write_text_atomic",
+]

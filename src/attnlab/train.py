@@ -38,7 +38,7 @@ from . import synthetic
 from .checkpoint import latest_checkpoint, load_trainer_state, remove_stale_temporaries, save_checkpoint
 from .config import AttnLabConfig
 from .model import AttnLabForCausalLM
-from .runconfig import RunConfig, check_resume_compatible, write_text_atomic
+from .runconfig import LOCK_FILE, RunConfig, check_resume_compatible, lock_folder, write_text_atomic
 
 EXIT_DIVERGED = 3
 
@@ -106,24 +106,34 @@ def setup_devices(requested: str) -> Devices:
     return Devices(rank=rank, world_size=world_size, device=device)
 
 
-def train(run: RunConfig, out: str | Path, resume: bool = False) -> Path:
-    """Train the model described by `run` into `out`; returns `out`. Raises ValueError for bad input and
-    TrainingDiverged when the guard stops the run."""
+def train(run: RunConfig, out: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train the model described by `run` into `out`; returns `out`. `out` is locked for the whole run; a
+    folder with files that are not an attnlab run's is refused unless `overwrite`. Raises ValueError for bad
+    input and TrainingDiverged when the guard stops the run."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # no "Writing model shards" bar inside the training log
     out = Path(out)
     devices = setup_devices(run.train.device)
     try:
-        return _train(run, out, resume, devices)
+        return _train(run, out, resume, overwrite, devices)
     finally:
         if devices.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(run: RunConfig, out: Path, resume: bool, devices: Devices) -> Path:
+def _train(run: RunConfig, out: Path, resume: bool, overwrite: bool, devices: Devices) -> Path:
+    folder_lock: list = []  # rank 0's lock on `out`, held until this function returns
+    try:
+        checkpoint = devices.main_decides(lambda: _claim_output_folder(run, out, resume, overwrite, folder_lock))
+        return _train_in(run, out, resume, checkpoint, devices)
+    finally:
+        for lock in folder_lock:
+            lock.close()
+
+
+def _train_in(run: RunConfig, out: Path, resume: bool, checkpoint: Path | None, devices: Devices) -> Path:
     settings = run.train
-    checkpoint = devices.main_decides(lambda: _prepare_output_folder(run, out, resume))
     accumulation = _accumulation_steps(settings, devices.world_size)
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
@@ -297,9 +307,56 @@ def evaluate_loss(model, sequences: torch.Tensor, batch_size: int, device: torch
 # --------------------------------------------------------------------------------------------------- setup
 
 
+# What `attnlab train` writes in OUT. `--overwrite` removes these, and nothing else, before a new run.
+RUN_OUTPUTS = (
+    "run_config.yaml",
+    "metrics.jsonl",
+    "tensorboard",
+    "checkpoint-*",
+    ".checkpoint-*.tmp",
+    ".final.tmp",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+ATTNLAB_FILES_IN_OUT = (LOCK_FILE, "study")  # the folder's lock, and `attnlab study`'s records of this run
+
+
+def _claim_output_folder(run: RunConfig, out: Path, resume: bool, overwrite: bool, held: list) -> Path | None:
+    """Lock `out` for this run (the lock goes into `held`, to be kept for the whole run) and prepare it;
+    return the checkpoint to resume from (or None). Runs on rank 0 only (see `Devices.main_decides`).
+
+    A folder with files of its own is refused unless it holds an attnlab run, or `overwrite` says to replace
+    attnlab's files there (`RUN_OUTPUTS`; the others stay). Nothing is written before these checks pass."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    others = (
+        sorted(path.name for path in out.iterdir() if path.name not in ATTNLAB_FILES_IN_OUT) if out.is_dir() else []
+    )
+    if others and not (out / "run_config.yaml").is_file() and not overwrite:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ValueError(
+            f"{out} is not empty ({shown}) and holds no attnlab run; choose a new or empty --out, or pass "
+            "--overwrite to train there (attnlab's own files are replaced, the others kept)"
+        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    held.append(lock_folder(out))
+    if overwrite:
+        for pattern in RUN_OUTPUTS:
+            for path in out.glob(pattern):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return _prepare_output_folder(run, out, resume)
+
+
 def _prepare_output_folder(run: RunConfig, out: Path, resume: bool) -> Path | None:
-    """Check that `out` can take this run and claim it; return the checkpoint to resume from (or None).
-    Runs on rank 0 only (see `Devices.main_decides`).
+    """Check that the locked folder `out` can take this run and claim it; return the checkpoint to resume
+    from (or None).
 
     A folder whose run stopped before saving anything (bad input found after the folder was claimed, a
     kill before the first checkpoint) holds nothing to keep or resume: the run starts there afresh, with
@@ -317,7 +374,10 @@ def _prepare_output_folder(run: RunConfig, out: Path, resume: bool) -> Path | No
         if saved_model:
             raise ValueError(f"--resume: {out} holds a finished run without checkpoints; nothing to resume")
     elif checkpoint is not None or saved_model:
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        raise ValueError(
+            f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --out"
+        )
     if saved_config.exists():
         print(f"attnlab: {out} holds a run that saved nothing; starting it from the beginning", file=sys.stderr)
         remove_stale_temporaries(out)
