@@ -4,11 +4,13 @@
 
 FAULT is `kill-at-step:N` (SIGKILL before optimizer step N), `kill-during-save:N` (SIGKILL once checkpoint
 N's weights are written, before its trainer state), `nan-at-step:N` (the loss of step N is non-finite) or
-`wait-at-step:N:FILE` (before step N, wait until FILE exists: a run held mid-way while a test looks at it).
+`wait-at-step:N:FILE` (before step N, wait until FILE exists: a run held mid-way while a test looks at it)
+or `enospc-during-save:N` (writing checkpoint N fails as on a full disk, once its weights are written).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -23,7 +25,7 @@ class InjectedFault(train.FaultHooks):
     def __init__(self, spec: str) -> None:
         kind, _, rest = spec.partition(":")
         step, _, release = rest.partition(":")
-        kinds = ("kill-at-step", "kill-during-save", "nan-at-step", "wait-at-step")
+        kinds = ("kill-at-step", "kill-during-save", "nan-at-step", "wait-at-step", "enospc-during-save")
         if kind not in kinds or not step.isdigit() or (kind == "wait-at-step") != bool(release):
             raise SystemExit(f"fault {spec!r} is not one of {', '.join(kinds)} with a step (and a file to wait for)")
         self.kind, self.step, self.release = kind, int(step), Path(release)
@@ -38,6 +40,8 @@ class InjectedFault(train.FaultHooks):
     def kill_during_save(self, step: int):
         if self.kind == "kill-during-save" and step == self.step:
             return lambda: os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "enospc-during-save" and step == self.step:
+            return _disk_full
         return None
 
     def poisons(self, step: int) -> bool:
@@ -46,6 +50,10 @@ class InjectedFault(train.FaultHooks):
             self.kind = None
             return True
         return False
+
+
+def _disk_full() -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ divergence guard, DDP under torchrun (gloo), run configuration, and every bad-in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -144,6 +145,11 @@ def test_a_crafted_trainer_state_is_refused_and_never_runs(corpus, uninterrupted
     marker = tmp_path / "ran"
     state_file = out / "checkpoint-12" / "trainer_state.pt"
     torch.save({**torch.load(state_file, weights_only=True), "payload": PicklePayload(marker)}, state_file)
+    manifest_file = out / "checkpoint-12" / "manifest.json"  # the attacker also rewrites the manifest
+    manifest = json.loads(manifest_file.read_text())
+    content = state_file.read_bytes()
+    manifest["files"]["trainer_state.pt"] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    manifest_file.write_text(json.dumps(manifest))
     resumed = run_attnlab(tiny_train_args(corpus, out, "--resume", "--max-steps", "16"))
     assert resumed.returncode == 2 and not marker.exists()
     assert resumed.stderr.strip().splitlines() == [
@@ -222,6 +228,58 @@ def test_a_second_writer_fails_at_once_and_the_first_keeps_its_run(corpus, unint
     assert losses(out) == losses(uninterrupted)  # the first run's metrics, whole
 
 
+@pytest.mark.parametrize("damaged", ["model.safetensors", "trainer_state.pt"])
+def test_resume_skips_a_damaged_newest_checkpoint_and_matches_the_uninterrupted_run(
+    corpus, uninterrupted, tmp_path, damaged
+):
+    out = tmp_path / "damaged"
+    shutil.copytree(uninterrupted, out)
+    newest = out / "checkpoint-12" / damaged
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a copy or a save cut off
+    resumed = run_attnlab(tiny_train_args(corpus, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    size = (uninterrupted / "checkpoint-12" / damaged).stat().st_size
+    expected = f"checkpoint-12 is damaged ({damaged} has {size // 2} bytes, {size} written); skipping it"
+    assert f"attnlab: {expected}" in resumed.stderr.splitlines()
+    assert losses(out) == losses(uninterrupted)  # steps 9..12 recomputed from checkpoint-8, bit for bit
+
+
+def test_a_full_disk_while_saving_gives_one_line_and_a_resumable_folder(corpus, uninterrupted, tmp_path):
+    out = tmp_path / "full"
+    full = run_attnlab(tiny_train_args(corpus, out), fault="enospc-during-save:8")
+    assert full.returncode == 1
+    assert full.stderr.strip().splitlines()[-1] == (
+        f"attnlab: error: No space left on device while writing checkpoint-8 in {out}; checkpoint-4 is intact "
+        "(free space, then rerun with --resume)"
+    )
+    assert not list(out.glob(".checkpoint-*")) and not (out / "checkpoint-8").exists()
+    with (out / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 9, "lo')  # and the metrics line being written when the disk filled up
+    resumed = run_attnlab(tiny_train_args(corpus, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"attnlab: {out / 'metrics.jsonl'}: dropped its torn last line (a write that was cut off)" in resumed.stderr
+    assert losses(out) == losses(uninterrupted)
+
+
+def test_resume_refuses_what_it_cannot_continue_without_changing_anything(corpus, uninterrupted, tmp_path):
+    out = tmp_path / "finished"
+    shutil.copytree(uninterrupted, out)
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    fewer = run_attnlab(tiny_train_args(corpus, out, "--resume", "--max-steps", "8"))
+    assert fewer.returncode == 2
+    assert fewer.stderr.strip().splitlines() == [
+        "attnlab: error: --resume: checkpoint-12 is past the 8 steps this run is now asked for; give a larger "
+        "--max-steps (or --tokens) to train on, nothing was changed"
+    ]
+    after = {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name != ".attnlab.lock"}
+    assert after == {path: content for path, content in before.items() if path.name != ".attnlab.lock"}
+    for text, message in [("[unclosed", "is not valid YAML"), ("just a string\n", "has no 'model:' and 'train:'")]:
+        (out / "run_config.yaml").write_text(text)
+        broken = run_attnlab(tiny_train_args(corpus, out, "--resume"))
+        assert broken.returncode == 2 and len(broken.stderr.strip().splitlines()) == 1, broken.stderr
+        assert message in broken.stderr and "Traceback" not in broken.stderr
+
+
 def test_activation_checkpointing_trains_the_same_model(corpus, uninterrupted, tmp_path):
     """Recomputing each layer in backward changes memory, not arithmetic: the same loss at every step."""
     out = tmp_path / "checkpointed"
@@ -235,7 +293,8 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(corpus, unint
     out = tmp_path / "killed-saving"
     killed = run_attnlab(tiny_train_args(corpus, out), fault="kill-during-save:8")
     assert killed.returncode == -signal.SIGKILL
-    assert (out / ".checkpoint-8.tmp" / "model.safetensors").is_file()  # half written, never renamed
+    (half_written,) = out.glob(".checkpoint-8.*.tmp")  # named for the writing process, never renamed
+    assert (half_written / "model.safetensors").is_file()
     assert not (out / "checkpoint-8").exists()
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-4")  # the previous one still loads
     resumed = run_attnlab(tiny_train_args(corpus, out, "--resume"))

@@ -35,7 +35,15 @@ import yaml
 
 from . import data as attnlab_data
 from . import synthetic
-from .checkpoint import latest_checkpoint, load_trainer_state, remove_stale_temporaries, save_checkpoint
+from .checkpoint import (
+    complete_checkpoints,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+    load_trainer_state,
+    remove_stale_temporaries,
+    report_to_stderr,
+    save_checkpoint,
+)
 from .config import AttnLabConfig
 from .model import AttnLabForCausalLM
 from .runconfig import LOCK_FILE, RunConfig, check_resume_compatible, lock_folder, write_text_atomic
@@ -193,6 +201,11 @@ def _train_in(run: RunConfig, out: Path, resume: bool, checkpoint: Path | None, 
         stream.load_state_dict(state["data"][devices.rank])
         _set_rng_states(state["rng"])
         step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped"]
+        if step > total_steps:
+            raise ValueError(
+                f"--resume: {checkpoint.name} is past the {total_steps} steps this run is now asked for; "
+                "give a larger --max-steps (or --tokens) to train on, nothing was changed"
+            )
         if devices.is_main:
             _truncate_metrics(out / "metrics.jsonl", step)
     if devices.is_main:
@@ -367,7 +380,10 @@ def _prepare_output_folder(run: RunConfig, out: Path, resume: bool) -> Path | No
     if resume:
         if not saved_config.is_file():
             raise ValueError(f"--resume: {out} holds no run (no run_config.yaml); start it without --resume")
-        check_resume_compatible(yaml.safe_load(saved_config.read_text()), run)
+        check_resume_compatible(_read_run_config(saved_config), run)
+        checkpoint = latest_intact_checkpoint(out, report_to_stderr)
+        if checkpoint is None and complete_checkpoints(out):
+            raise ValueError(f"--resume: every checkpoint in {out} is damaged; start the run again with --overwrite")
         if checkpoint is not None:
             remove_stale_temporaries(out)
             return checkpoint
@@ -386,6 +402,19 @@ def _prepare_output_folder(run: RunConfig, out: Path, resume: bool) -> Path | No
     out.mkdir(parents=True, exist_ok=True)
     run.write(saved_config)
     return None
+
+
+def _read_run_config(path: Path) -> dict[str, Any]:
+    """The saved run_config.yaml of a run, or one line saying why it cannot be used."""
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"{path} is not valid YAML ({str(error).splitlines()[0]}); the run cannot be resumed"
+        ) from None
+    if not isinstance(saved, dict) or not all(isinstance(saved.get(key), dict) for key in ("model", "train")):
+        raise ValueError(f"{path} has no 'model:' and 'train:' mappings; the run cannot be resumed")
+    return saved
 
 
 def _accumulation_steps(settings, world_size: int) -> int:
@@ -600,11 +629,21 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop metric lines of steps after the checkpoint (they will be recomputed)."""
+    """On resume, drop metric lines of steps after the checkpoint (they will be recomputed). A torn last
+    line (what a kill or a full disk leaves) is dropped with a note; a damaged line elsewhere is an error."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
+    lines = [line for line in path.read_text().splitlines() if line]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            records.append((record["step"], line))
+        except (ValueError, KeyError, TypeError):
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not a metrics record; repair or remove that line") from None
+            report_to_stderr(f"{path}: dropped its torn last line (a write that was cut off)")
+    write_text_atomic(path, "".join(line + "\n" for record_step, line in records if record_step <= step))
 
 
 # --------------------------------------------------------------------------------------------- logging
