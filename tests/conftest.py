@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from pathlib import Path
 
@@ -39,6 +40,19 @@ def tiny_config(**overrides) -> AttnLabConfig:
     )
     options.update(overrides)
     return AttnLabConfig(**options)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """attnlab's cache (the extracted built-in corpus) in a folder of this test session, for this process
+    and the attnlab processes it starts, never in the user's ~/.cache."""
+    previous = os.environ.get("ATTNLAB_CACHE")
+    os.environ["ATTNLAB_CACHE"] = str(tmp_path_factory.mktemp("attnlab-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("ATTNLAB_CACHE", None)
+    else:
+        os.environ["ATTNLAB_CACHE"] = previous
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -30,7 +30,7 @@ from attnlab.data import (
     split_tokens,
     unigram_entropy,
 )
-from attnlab.data.builtin import builtin_documents, extract_builtin_documents, stdlib_source_files
+from attnlab.data.builtin import _cache_path, builtin_documents, extract_builtin_documents, stdlib_source_files
 from attnlab.data.corpus import _parse_hub_spec
 from attnlab.data.tokenizer import encode_documents
 
@@ -83,6 +83,27 @@ def test_builtin_corpus_is_deterministic(builtin):
     fresh_tokens = split_tokens(again, tokenizer, "train")  # tokenized again: `again` has its own cache
     assert fresh_tokens is not split_tokens(corpus, tokenizer, "train")
     assert (fresh_tokens == split_tokens(corpus, tokenizer, "train")).all()
+
+
+def test_the_builtin_cache_is_private_and_a_tampered_one_is_not_used(builtin, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path / "cache"))
+    genuine = builtin_documents()
+    cache_file = _cache_path()
+    assert cache_file.parent == tmp_path / "cache" and not cache_file.exists()
+    cache_file.parent.mkdir()
+    cache_file.write_text(json.dumps({"sha256": "0" * 64, "documents": ["planted text"]}))
+    builtin_documents.cache_clear()
+    try:
+        assert builtin_documents() == genuine  # the planted list fails its hash: extracted again
+        stored = json.loads(cache_file.read_text())
+        assert stored["documents"] == list(genuine) and [p.name for p in cache_file.parent.iterdir()] == [
+            cache_file.name
+        ]
+        cache_file.write_text(json.dumps(["a bare list of strings, as the old temp-folder cache held"]))
+        builtin_documents.cache_clear()
+        assert builtin_documents() == genuine
+    finally:
+        builtin_documents.cache_clear()
 
 
 def test_builtin_splits_are_disjoint_and_large_enough(builtin):

@@ -23,6 +23,7 @@ from attnlab.evaluation import (
     load_records,
     resolve_tasks,
     results_json,
+    trained_seq_len,
 )
 from attnlab.tasks import BUILTIN_TASKS
 
@@ -145,6 +146,30 @@ def test_a_task_file_is_indexed_through_links_to_its_siblings_only(local_task):
     assert folder != local_task.parent
     assert sorted(p.name for p in folder.iterdir()) == ["local_colours.yaml"]  # not the data file
     assert (folder / "local_colours.yaml").resolve() == local_task.resolve()
+
+
+def test_task_code_runs_only_when_allowed(tmp_path, capsys):
+    """A task YAML's `!function` imports and runs a .py file beside it: opt-in, named in one line."""
+    marker = tmp_path / "ran"
+    (tmp_path / "helpers.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+    coded = tmp_path / "coded.yaml"
+    coded.write_text("task: coded\ncustom_dataset: !function helpers.make\noutput_type: loglikelihood\n")
+    with pytest.raises(ValueError, match="runs Python code") as error:
+        resolve_tasks(str(coded))
+    assert str(error.value) == (
+        f"task file {coded} runs Python code (!function); read it, and pass --allow-task-code if you trust it"
+    )
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("task: plain\noutput_type: loglikelihood\n")
+    with pytest.raises(ValueError, match=f"task file {coded} runs Python code"):
+        resolve_tasks(str(plain))  # a YAML beside it could be included, so it is named too
+    coded.unlink()
+    folder = Path(resolve_tasks(str(plain)).include_paths[-1])
+    assert sorted(p.name for p in folder.iterdir()) == ["plain.yaml"]  # helpers.py is not reachable
+    coded.write_text("task: coded\ncustom_dataset: !function helpers.make\noutput_type: loglikelihood\n")
+    folder = Path(resolve_tasks(str(coded), allow_task_code=True).include_paths[-1])
+    assert sorted(p.name for p in folder.iterdir()) == ["coded.yaml", "helpers.py", "plain.yaml"]
+    assert not marker.exists()  # resolving reads YAML only; the harness imports helpers.py when it runs
 
 
 @pytest.mark.parametrize(
@@ -367,6 +392,22 @@ def test_bad_checkpoints_give_one_line(tmp_path, capsys):
     (tmp_path / "list").mkdir()
     (tmp_path / "list" / "config.json").write_text("[1, 2]")
     assert "is not a JSON model config" in _one_line_error(capsys, ["eval", str(tmp_path / "list")])
+
+
+def test_a_model_folder_reads_only_its_own_tokenizer_and_run_config(checkpoint, tmp_path, capsys):
+    """A model copied next to another run's files must not borrow that run's tokenizer or settings."""
+    neighbour = tmp_path / "other-run"
+    shutil.copytree(checkpoint, neighbour, ignore=shutil.ignore_patterns("checkpoint-*", "tensorboard"))
+    model = neighbour / "my-model"
+    shutil.copytree(checkpoint, model, ignore=shutil.ignore_patterns("checkpoint-*", "tensorboard", "tokenizer*"))
+    (model / "run_config.yaml").unlink()
+    error = _one_line_error(capsys, ["eval", str(model), "--tasks", "lastword", "--out", str(tmp_path / "r.json")])
+    assert (
+        error == f"attnlab: error: no tokenizer in {model}; attnlab train saves one in --out (copy it beside the model)"
+    )
+    assert trained_seq_len(model) is None  # not the neighbour's seq_len
+    (model / "run_config.yaml").write_text("train: 5\n")
+    assert trained_seq_len(model) is None
 
 
 def test_pickled_weights_are_refused_without_being_read(tmp_path, capsys):

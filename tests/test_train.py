@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import attnlab  # noqa: F401  (registers the Auto classes)
 from attnlab.cli import main
 from attnlab.environment import installed_version
-from attnlab.runconfig import check_resume_compatible, resolve_run_config
+from attnlab.runconfig import check_resume_compatible, resolve_run_config, write_text_atomic
 
 from .conftest import PicklePayload, ctrl_c_reaches_children
 
@@ -431,6 +431,47 @@ def test_unknown_preset_and_resume_mismatch_are_one_line_errors(corpus, uninterr
     assert "already holds a run" in capsys.readouterr().err
     assert main(tiny_train_args(corpus, tmp_path / "nothing", "--resume")) == 2
     assert "holds no run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("config", "flags", "message"),
+    [
+        ("model: 5\n", [], "'model:' must be a mapping of options, got 5"),
+        ("train: [1, 2]\n", [], "'train:' must be a mapping of options, got [1, 2]"),
+        ("train:\n  lr: abc\n", [], "train option lr must be float, got 'abc'"),
+        ("train:\n  tokens: 2.5\n", [], "train option tokens must be int or unset, got 2.5"),
+        (None, ["--eval-every", "-1"], "train option eval_every must not be negative, got -1"),
+        (None, ["--layers", "bogus"], "unknown mixer 'bogus' in layer pattern 'bogus'; valid mixers: standard"),
+    ],
+)
+def test_bad_settings_are_one_line_before_anything_is_written(corpus, tmp_path, capsys, config, flags, message):
+    out = tmp_path / "out"
+    extra = [*flags]
+    if config is not None:
+        (tmp_path / "config.yaml").write_text(config)
+        extra += ["--config", str(tmp_path / "config.yaml")]
+    assert main(tiny_train_args(corpus, out, *extra)) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("attnlab: error: ") and message in error[0], error
+    assert not out.exists()
+
+
+def test_atomic_text_writes_leave_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    target = tmp_path / "run_config.yaml"
+    write_text_atomic(target, "old\n")
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        write_text_atomic(target, "new\n")
+    monkeypatch.undo()
+    assert [path.name for path in tmp_path.iterdir()] == ["run_config.yaml"] and target.read_text() == "old\n"
+    write_text_atomic(target, "new\n")
+    assert target.read_text() == "new\n" and (target.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def test_ctrl_c_stops_training_with_one_line(corpus, tmp_path):

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from .runconfig import fsync_directory
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
 MANIFEST = "manifest.json"
@@ -140,15 +142,6 @@ def remove_stale_temporaries(out: Path) -> None:
     """Delete half-written checkpoint folders left by a killed run."""
     for path in out.glob(".checkpoint-*.tmp"):
         shutil.rmtree(path, ignore_errors=True)
-
-
-def fsync_directory(folder: Path) -> None:
-    """Make the entries of `folder` (renames, new files) durable."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _write_manifest(folder: Path) -> None:

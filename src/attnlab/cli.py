@@ -99,7 +99,10 @@ def command_params(args: argparse.Namespace) -> int:
     for name in names:
         options = {**presets.model_options(name), **overrides}
         title = name if not overrides else f"{name} with {', '.join(f'{k}={v}' for k, v in overrides.items())}"
-        counts = variant_counts(options)
+        try:
+            counts = variant_counts(options)
+        except (RuntimeError, OverflowError) as error:  # sizes whose tensors cannot even be described
+            raise ValueError(f"{title}: cannot build this model ({str(error).splitlines()[0]})") from None
         report.append((title, counts))
     if args.format == "json":
         print(json.dumps({title: [asdict(count) for count in counts] for title, counts in report}, indent=2))
@@ -203,7 +206,11 @@ def command_eval(args: argparse.Namespace) -> int:
     from .train import pick_device
 
     tasks = args.tasks if args.tasks is not None else ("none" if args.ppl_contexts else "offline")
-    selection = None if tasks == "none" else resolve_tasks(tasks, eval_data=args.eval_data)
+    selection = (
+        None
+        if tasks == "none"
+        else resolve_tasks(tasks, eval_data=args.eval_data, allow_task_code=args.allow_task_code)
+    )
     if selection is None and not args.ppl_contexts:
         raise ValueError("--tasks none leaves nothing to do; give tasks or --ppl-contexts")
     if args.ppl_contexts and not args.ppl_data:
@@ -463,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="results.json", help="results file (default: results.json)")
     evaluate.add_argument(
         "--eval-data", metavar="DIR", help="read the paper's nine tasks from local copies of their datasets in DIR"
+    )
+    evaluate.add_argument(
+        "--allow-task-code",
+        action="store_true",
+        help="let task YAML files given to --tasks run Python (!function and the .py files beside them)",
     )
     evaluate.add_argument("--limit", type=_limit, help="examples per task (a fraction if below 1)")
     evaluate.add_argument(

@@ -96,19 +96,22 @@ def resolve_layer_pattern(layers: str | list[str] | tuple[str, ...] | None, num_
         names = [str(name).strip() for name in layers]
     else:
         raise ValueError(f"layers must be a string or a list of mixer names, got {type(layers).__name__}")
+    for i, name in enumerate(names, start=1):  # a wrong name first: "names 1 mixers" would hide it
+        _check_mixer_name(name, where=f"layer {i}" if len(names) > 1 else f"layer pattern {layers!r}")
     if len(names) != n:
         raise ValueError(
             f"the layer list names {len(names)} mixers but the model has num_hidden_layers={n}; "
             f"give exactly one mixer per layer, or use a pattern such as 'uniform:<mixer>' or 'hybrid:<mixer>'"
         )
-    for i, name in enumerate(names, start=1):
-        _check_mixer_name(name, where=f"layer {i}")
     return names
 
 
 def _check_mixer_name(name: str, where: str) -> None:
     if name not in MIXER_NAMES:
-        raise ValueError(f"unknown mixer {name!r} in {where}; valid mixers: {', '.join(MIXER_NAMES)}")
+        raise ValueError(
+            f"unknown mixer {name!r} in {where}; valid mixers: {', '.join(MIXER_NAMES)} "
+            "(or a pattern such as 'uniform:<mixer>' or 'hybrid:<mixer>')"
+        )
 
 
 @strict

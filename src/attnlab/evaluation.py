@@ -38,6 +38,7 @@ import yaml
 from safetensors import SafetensorError
 
 from . import synthetic
+from .checkpoint import CHECKPOINT_PATTERN
 from .environment import versions
 from .tasks import BUILTIN_TASKS, TASKS_DIR
 
@@ -58,15 +59,20 @@ class TaskSelection:
     eval_data: str | None = None  # local copies of the paper's datasets (attnlab.paper_tasks)
 
 
-def resolve_tasks(spec: str | Sequence[str], eval_data: str | Path | None = None) -> TaskSelection:
+def resolve_tasks(
+    spec: str | Sequence[str], eval_data: str | Path | None = None, allow_task_code: bool = False
+) -> TaskSelection:
     """Expand a task list: comma-separated names, `paper`, `offline`, built-in task names, YAML paths.
 
     With `eval_data` (a folder of local copies of the paper's datasets, see `attnlab.paper_tasks`), the
     paper's nine tasks are read from there instead of the Hub, under the same names, prompts and metrics.
 
-    A path ending in .yaml/.yml is a harness task file: its `task:` name is evaluated, and the files beside
-    it (not the folders below: the harness indexes recursively) are indexed, so that its `!function`
-    helpers and `include:`d YAMLs resolve. Raises ValueError with one line.
+    A path ending in .yaml/.yml is a harness task file: its `task:` name is evaluated, and the YAML files
+    beside it (not the folders below: the harness indexes recursively) are indexed, so that its `include:`d
+    YAMLs resolve. Task files run Python only with `allow_task_code`: then the `.py` files beside them are
+    indexed too, for their `!function` helpers; without it a task file (or a sibling YAML) that names a
+    `!function` is refused, and no `.py` file is reachable. attnlab's own and the paper's tasks are trusted.
+    Raises ValueError with one line.
     """
     items = [spec] if isinstance(spec, str) else list(spec)
     parts = [part.strip() for item in items for part in item.split(",") if part.strip()]
@@ -82,7 +88,9 @@ def resolve_tasks(spec: str | Sequence[str], eval_data: str | Path | None = None
             path = Path(part)
             names.append(task_name_in_yaml(path))
             local_names.add(names[-1])
-            include_paths.append(_task_folder_for(path))
+            if not allow_task_code:
+                _refuse_task_code(path)
+            include_paths.append(_task_folder_for(path, with_code=allow_task_code))
         else:
             names.append(part)
     names = list(dict.fromkeys(names))  # in order, once each
@@ -101,18 +109,35 @@ def resolve_tasks(spec: str | Sequence[str], eval_data: str | Path | None = None
     )
 
 
-def _task_folder_for(path: Path) -> str:
-    """A private folder of links to the task file's siblings (*.yaml, *.yml, *.py), for the harness to index.
+def _task_folder_for(path: Path, with_code: bool) -> str:
+    """A private folder of links to the task file's siblings (*.yaml, *.yml, and *.py `with_code`), for the
+    harness to index.
 
     Indexing the file's own folder would index everything below it too (a repository with a virtual
     environment holds thousands of task YAMLs). The folder is removed when the process exits.
     """
     folder = Path(tempfile.mkdtemp(prefix="attnlab-tasks-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    suffixes = (".yaml", ".yml", ".py") if with_code else (".yaml", ".yml")
     for sibling in path.resolve().parent.iterdir():
-        if sibling.is_file() and sibling.suffix in (".yaml", ".yml", ".py"):
+        if sibling.is_file() and sibling.suffix in suffixes:
             (folder / sibling.name).symlink_to(sibling)
     return str(folder)
+
+
+def _refuse_task_code(path: Path) -> None:
+    """One line if the task file, or a YAML beside it that it may include, runs Python (`!function`)."""
+    siblings = sorted(p for p in path.resolve().parent.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml"))
+    for candidate in [path.resolve(), *siblings]:
+        try:
+            text = candidate.read_text(errors="replace")
+        except OSError:
+            continue
+        if "!function" in text:
+            raise ValueError(
+                f"task file {candidate} runs Python code (!function); read it, and pass --allow-task-code "
+                "if you trust it"
+            )
 
 
 class _HarnessYamlLoader(yaml.SafeLoader):
@@ -155,37 +180,45 @@ class LoadedCheckpoint:
         return min(self.trained_seq_len, limit) if self.trained_seq_len else limit
 
 
-def run_settings(path: Path) -> dict:
-    """OUT/run_config.yaml of the run that wrote a checkpoint (beside it or one folder up), or {}."""
-    for folder in (path, path.parent):
+def _run_folders(path: Path) -> tuple[Path, ...]:
+    """Where a checkpoint's run files are: the folder itself, and for `checkpoint-<step>` its run folder.
+    Any other folder is read alone: a model copied elsewhere never picks up a neighbour's tokenizer."""
+    return (path, path.parent) if CHECKPOINT_PATTERN.match(path.name) else (path,)
+
+
+def train_settings(path: Path) -> dict:
+    """The `train:` section of the run_config.yaml of the run that wrote a checkpoint, or {} if unknown."""
+    for folder in _run_folders(path):
         run_config = folder / "run_config.yaml"
         if run_config.is_file():
             try:
                 settings = yaml.safe_load(run_config.read_text()) or {}
             except (yaml.YAMLError, UnicodeDecodeError):
                 return {}
-            return settings if isinstance(settings, dict) else {}
+            train = settings.get("train") if isinstance(settings, dict) else None
+            return train if isinstance(train, dict) else {}
     return {}
 
 
 def trained_seq_len(path: Path) -> int | None:
     """`train.seq_len` of the run that wrote the checkpoint (OUT/run_config.yaml), or None if unknown."""
-    value = (run_settings(path).get("train") or {}).get("seq_len")
+    value = train_settings(path).get("seq_len")
     return value if isinstance(value, int) and value > 0 else None
 
 
 def find_tokenizer_folder(path: Path) -> Path:
     """The folder holding the checkpoint's tokenizer: itself, or (for `checkpoint-<step>`) the run folder."""
-    for folder in (path, path.parent):
+    for folder in _run_folders(path):
         if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
             return folder
-    data = (run_settings(path).get("train") or {}).get("data")
+    data = train_settings(path).get("data")
     if isinstance(data, str) and synthetic.is_task_spec(data):
         raise ValueError(
             f"{path} was trained on the synthetic task {data!r}, which has no tokenizer or text; "
             f"score it with `attnlab recall {path}`"
         )
-    raise ValueError(f"no tokenizer next to checkpoint {path} (nor in {path.parent}); attnlab train saves one in --out")
+    where = " or ".join(str(folder) for folder in _run_folders(path))
+    raise ValueError(f"no tokenizer in {where}; attnlab train saves one in --out (copy it beside the model)")
 
 
 def check_checkpoint(path: Path) -> dict:
@@ -594,7 +627,7 @@ def evaluate_recall(
 
     path = Path(checkpoint)
     check_checkpoint(path)
-    train = run_settings(path).get("train") or {}
+    train = train_settings(path)
     spec = task_spec if task_spec is not None else train.get("data")
     if task_spec is None and not (isinstance(spec, str) and synthetic.is_task_spec(spec)):
         raise ValueError(

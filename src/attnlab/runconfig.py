@@ -115,7 +115,10 @@ def resolve_run_config(
         if unknown_sections:
             raise ValueError(f"{origin}: unknown section(s) {sorted(unknown_sections)}; use 'model:' and 'train:'")
         for section in ("model", "train"):
-            sections[section].update(document.get(section) or {})
+            values = document.get(section) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{origin}: '{section}:' must be a mapping of options, got {values!r}")
+            sections[section].update(values)
     train = _build_train_config(sections["train"])
     model = sections["model"]
     AttnLabConfig(**model)  # rejects unknown or invalid model options now, with AttnLabConfig's message
@@ -126,6 +129,8 @@ def _build_train_config(values: dict[str, Any]) -> TrainConfig:
     unknown = sorted(set(values) - set(TRAIN_FIELDS))
     if unknown:
         raise ValueError(f"unknown train option(s): {', '.join(unknown)}; valid options: {', '.join(TRAIN_FIELDS)}")
+    for name, value in values.items():
+        _check_type(name, value, TRAIN_FIELDS[name].type)
     train = TrainConfig(**values)
     positive = ["seq_len", "batch_size", "global_batch_size", "save_every", "keep_checkpoints", "eval_sequences"]
     for name in positive:
@@ -135,13 +140,32 @@ def _build_train_config(values: dict[str, Any]) -> TrainConfig:
         raise ValueError("give a positive token budget (--tokens) or a step count (--max-steps)")
     if train.max_steps is not None and train.max_steps < 1:
         raise ValueError(f"--max-steps must be positive, got {train.max_steps}")
-    if train.lr <= 0 or train.grad_clip <= 0:
-        raise ValueError("--lr and grad_clip must be positive")
+    if train.lr <= 0 or train.grad_clip <= 0 or train.eps <= 0:
+        raise ValueError("--lr, grad_clip and eps must be positive")
+    for name in ("warmup_steps", "eval_every", "max_nonfinite_skips", "weight_decay"):
+        if getattr(train, name) < 0:
+            raise ValueError(f"train option {name} must not be negative, got {getattr(train, name)!r}")
+    if not (0 <= train.beta1 < 1 and 0 <= train.beta2 < 1):
+        raise ValueError(f"beta1 and beta2 must lie in [0, 1), got {train.beta1} and {train.beta2}")
     if train.parallel not in ("auto", "ddp", "fsdp"):
         raise ValueError(f"parallel must be auto, ddp or fsdp, got {train.parallel!r}")
     if synthetic.is_task_spec(train.data):
         synthetic.parse_task_spec(train.data, train.seq_len)  # a bad task spec fails now, with its message
     return train
+
+
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    """A train option's value against its field's annotation (`int`, `float | None`, ...), in one line."""
+    kinds = [kind.strip() for kind in str(annotation).split("|")]
+    if value is None and "None" in kinds:
+        return
+    allowed = tuple(python for kind in kinds for python in _KINDS.get(kind, ()))
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        wanted = " or ".join(kind if kind != "None" else "unset" for kind in kinds)
+        raise ValueError(f"train option {name} must be {wanted}, got {value!r}")
 
 
 def _shown(value: Any) -> str:
@@ -219,15 +243,32 @@ def lock_folder(folder: Path) -> IO[str]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder, then rename: readers never see half a file."""
+    """Write via a temporary file of this process in the same folder, synced, then rename (and sync the
+    folder): readers never see half a file, and after a crash the file is the old one or the new one."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        temporary.write_text(text)
-        temporary.replace(path)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # as a plain open() would have made it
+        os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)  # a failed write leaves the previous file, and nothing else
+        Path(temporary).unlink(missing_ok=True)  # a failed write leaves the previous file, and nothing else
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make the entries of `folder` (renames, new files) durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 __all__ = [

@@ -15,7 +15,8 @@ in the corpus (e.g. "Return repr(self).") is kept only the first time.
 
 The result depends only on the Python installation (version and distribution), so it is the same on every
 run on a machine; `builtin_fingerprint()` identifies it in records. Extraction parses ~9 MB of source (a
-few seconds), so its result is cached in the system temp folder, keyed by the installation and this code.
+few seconds), so its result is cached in the user's cache folder (`cache_folder()`), keyed by the
+installation and this code, and checked against the SHA-256 stored with it before use.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import re
 import sysconfig
 import tempfile
 import tokenize
+from pathlib import Path
 
 # Folders of the standard library whose files are not prose documentation of the library itself.
 _SKIPPED_FOLDERS = frozenset(
@@ -138,9 +140,18 @@ def extract_builtin_documents() -> list[str]:
     return documents
 
 
-def _cache_path() -> str:
-    """A file in the system temp folder named by everything the extraction depends on: the Python version,
-    the stdlib folder, every source file's size and modification time, and this module's own code."""
+def cache_folder() -> Path:
+    """Where attnlab keeps what it derives on this machine: $ATTNLAB_CACHE, else $XDG_CACHE_HOME/attnlab,
+    else ~/.cache/attnlab (the user's own, never the shared temp folder)."""
+    if configured := os.environ.get("ATTNLAB_CACHE"):
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "attnlab"
+
+
+def _cache_path() -> Path:
+    """A file in `cache_folder()` named by everything the extraction depends on: the Python version, the
+    stdlib folder, every source file's size and modification time, and this module's own code."""
     root = stdlib_directory()
     digest = hashlib.blake2b(digest_size=12)
     digest.update(f"{platform.python_version()}\0{root}\0".encode())
@@ -151,29 +162,38 @@ def _cache_path() -> str:
     for path in [pydoc_data.topics.__file__] + [os.path.join(root, name) for name in stdlib_source_files(root)]:
         status = os.stat(path)
         digest.update(f"{path}\0{status.st_size}\0{status.st_mtime_ns}\0".encode())
-    return os.path.join(tempfile.gettempdir(), f"attnlab-builtin-corpus-{digest.hexdigest()}.json")
+    return cache_folder() / f"builtin-corpus-{digest.hexdigest()}.json"
+
+
+def _documents_hash(documents: list[str]) -> str:
+    return hashlib.sha256("\0".join(documents).encode("utf-8")).hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
 def builtin_documents() -> tuple[str, ...]:
-    """The built-in corpus's documents: extracted once per installation (cached in the system temp folder,
-    ~2 MB) and once per process."""
+    """The built-in corpus's documents: extracted once per installation (cached, ~2 MB, with its SHA-256)
+    and once per process. A cache file that does not match its hash is ignored and rewritten."""
     path = _cache_path()
     try:
-        with open(path, encoding="utf-8") as handle:
-            documents = json.load(handle)
-        if isinstance(documents, list) and all(isinstance(document, str) for document in documents):
-            return tuple(documents)
-    except (OSError, ValueError):
-        pass  # absent or unreadable: extract again
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        documents = cached["documents"]
+        if isinstance(documents, list) and all(isinstance(d, str) for d in documents):
+            if cached.get("sha256") == _documents_hash(documents):
+                return tuple(documents)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent, unreadable or not ours: extract again
     documents = extract_builtin_documents()
-    temporary = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(documents, handle)
-        os.replace(temporary, path)  # atomic: concurrent processes never see half a file
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump({"sha256": _documents_hash(documents), "documents": documents}, handle)
+            os.replace(temporary, path)  # atomic: concurrent processes never see half a file
+        finally:
+            Path(temporary).unlink(missing_ok=True)
     except OSError:
-        pass  # a read-only temp folder only costs the extraction time
+        pass  # a read-only cache folder only costs the extraction time
     return tuple(documents)
 
 
