@@ -23,6 +23,7 @@ from attnlab.evaluation import (
     load_records,
     resolve_tasks,
     results_json,
+    tokenizer_record,
     trained_seq_len,
 )
 from attnlab.tasks import BUILTIN_TASKS
@@ -218,7 +219,18 @@ def test_results_keep_the_harness_structure_with_sane_values(record, checkpoint)
     assert meta["parameters"] > 0
     assert meta["versions"]["lm-eval"] == installed_version("lm-eval") is not None
     assert meta["versions"]["transformers"] == transformers.__version__
+    assert meta["tokenizer"]["path"] == str(checkpoint) and len(meta["tokenizer"]["sha256"]) == 64
+    assert tokenizer_record(checkpoint / "checkpoint-12") == meta["tokenizer"]  # a checkpoint uses its run's
     assert (meta["trained_seq_len"], meta["max_length"]) == (128, 128)  # not max_position_embeddings (256)
+
+
+def test_the_tokenizer_record_changes_with_the_tokenizer(checkpoint, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoint, copy, ignore=shutil.ignore_patterns("checkpoint-*", "tensorboard"))
+    assert tokenizer_record(copy)["sha256"] == tokenizer_record(checkpoint)["sha256"]
+    tokenizer = copy / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes() + b"\n")
+    assert tokenizer_record(copy)["sha256"] != tokenizer_record(checkpoint)["sha256"]
 
 
 def _direct_loglikelihood(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
@@ -305,6 +317,15 @@ def test_perplexity_by_context_length(checkpoint, tmp_path):
     assert math.isfinite(heldout["ppl_contexts"]["by_context"]["64"]["word_perplexity"])
     with pytest.raises(ValueError, match="--max-length 300 is outside 2..256"):
         evaluate_checkpoint(checkpoint, resolve_tasks("cloze"), max_length=300)
+
+
+def test_a_bad_max_length_is_refused_before_the_weights_are_read(checkpoint, monkeypatch):
+    import attnlab.evaluation
+
+    monkeypatch.setattr(attnlab.evaluation, "load_checkpoint", lambda *args, **kwargs: pytest.fail("weights read"))
+    for length in (0, 257):
+        with pytest.raises(ValueError, match=f"--max-length {length} is outside 2..256"):
+            evaluate_checkpoint(checkpoint, resolve_tasks("cloze"), max_length=length)
 
 
 # ----------------------------------------------------------------------------------------------- the command

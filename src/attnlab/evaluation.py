@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import difflib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -558,15 +559,12 @@ def evaluate_checkpoint(
     """
     if ppl_contexts and ppl_data is None:
         raise ValueError("--ppl-contexts needs --ppl-data FILE (a text file to measure perplexity on)")
+    positions = check_checkpoint(Path(checkpoint)).get("max_position_embeddings")
+    if max_length is not None and isinstance(positions, int) and not 2 <= max_length <= positions:
+        raise ValueError(f"--max-length {max_length} is outside 2..{positions} (the model's max_position_embeddings)")
     # Tasks first: a task that cannot load fails before any model is read.
     manager = checked_task_manager(selection, corpus=corpus, eval_data=selection.eval_data) if selection else None
     loaded = load_checkpoint(checkpoint, device=device, dtype=dtype, skip_nonstandard=skip_nonstandard)
-    config = loaded.model.config
-    if max_length is not None and not 2 <= max_length <= config.max_position_embeddings:
-        raise ValueError(
-            f"--max-length {max_length} is outside 2..{config.max_position_embeddings} "
-            "(the model's max_position_embeddings)"
-        )
     if ppl_contexts:
         check_perplexity_inputs(loaded, ppl_data, ppl_contexts)  # before the harness spends minutes
     record: dict = {}
@@ -601,9 +599,19 @@ def checkpoint_metadata(checkpoint, loaded: LoadedCheckpoint, skip_nonstandard: 
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "device": device,
         "dtype": dtype,
+        "tokenizer": tokenizer_record(loaded.path) if loaded.tokenizer is not None else None,
         "versions": versions(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+def tokenizer_record(checkpoint: Path) -> dict:
+    """Which tokenizer an evaluation used: its folder and the SHA-256 of its files (tokenizer*.json)."""
+    folder = find_tokenizer_folder(checkpoint)
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("tokenizer*.json")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"path": str(folder), "sha256": digest.hexdigest()}
 
 
 def evaluate_recall(

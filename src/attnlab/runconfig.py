@@ -121,7 +121,12 @@ def resolve_run_config(
             sections[section].update(values)
     train = _build_train_config(sections["train"])
     model = sections["model"]
-    AttnLabConfig(**model)  # rejects unknown or invalid model options now, with AttnLabConfig's message
+    config = AttnLabConfig(**model)  # rejects unknown or invalid model options now, with AttnLabConfig's message
+    if train.seq_len > config.max_position_embeddings:  # before any data is read or made
+        raise ValueError(
+            f"--seq-len {train.seq_len} exceeds the model's max_position_embeddings="
+            f"{config.max_position_embeddings}; lower --seq-len or raise max_position_embeddings"
+        )
     return RunConfig(model=model, train=train, preset=preset)
 
 

@@ -447,13 +447,7 @@ def _tokenizer_vocabulary(tokenizer) -> dict[str, int | None]:
 def _model_config(run: RunConfig, vocabulary: dict[str, int | None]) -> AttnLabConfig:
     """The preset's model options with the vocabulary of the data (`_tokenizer_vocabulary`, or a synthetic
     task's exact vocabulary size)."""
-    config = AttnLabConfig(**{**run.model, **vocabulary})
-    if run.train.seq_len > config.max_position_embeddings:
-        raise ValueError(
-            f"--seq-len {run.train.seq_len} exceeds the model's max_position_embeddings="
-            f"{config.max_position_embeddings}; lower --seq-len or raise max_position_embeddings"
-        )
-    return config
+    return AttnLabConfig(**{**run.model, **vocabulary})  # seq_len fits: checked by resolve_run_config
 
 
 def _resolve_parallel(parallel: str, model) -> str:
