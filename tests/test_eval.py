@@ -654,6 +654,24 @@ def test_table_reads_files_only_and_keeps_dots_in_its_prefix(record, tmp_path, c
     assert {path.name for path in tmp_path.iterdir()} == {"results.json", "table1_v1.0.md", "table1_v1.0.csv"}
 
 
+def test_existing_outputs_are_replaced_only_with_overwrite(checkpoint, record, tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(results_json([record]))
+    (tmp_path / "t.csv").write_text("mine\n")
+    error = _one_line_error(capsys, ["table", str(results), "--out", str(tmp_path / "t")])
+    assert (
+        error
+        == f"attnlab: error: --out {tmp_path / 't.csv'} exists; pass --overwrite to replace it, or give another path"
+    )
+    assert (tmp_path / "t.csv").read_text() == "mine\n" and not (tmp_path / "t.md").exists()
+    assert main(["table", str(results), "--out", str(tmp_path / "t"), "--overwrite"]) == 0
+    assert (tmp_path / "t.csv").read_text() != "mine\n"
+    for command in (["eval", str(checkpoint), "--tasks", "lastword"], ["recall", str(checkpoint), "--task", "mqar"]):
+        error = _one_line_error(capsys, [*command, "--out", str(results)])
+        assert "exists; pass --overwrite to replace it" in error
+    assert results.read_text() == results_json([record])
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git, which the harness calls")
 def test_an_evaluation_outside_a_git_repository_prints_no_git_error(checkpoint, tmp_path, capfd, monkeypatch):
     monkeypatch.chdir(tmp_path)  # lm-eval records `git describe` of the working folder

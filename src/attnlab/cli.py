@@ -216,9 +216,9 @@ def command_eval(args: argparse.Namespace) -> int:
     if args.ppl_contexts and not args.ppl_data:
         raise ValueError("--ppl-contexts needs --ppl-data FILE (a text file to measure perplexity on)")
     device = str(pick_device(args.device))
-    out = output_file(args.out)
+    out = output_file(args.out, overwrite=args.overwrite)
     if args.samples:
-        output_file(args.samples, "--samples")
+        output_file(args.samples, "--samples", overwrite=args.overwrite)
     for checkpoint in args.checkpoints:  # all of them before the first evaluation starts
         check_checkpoint(Path(checkpoint))
     records = []
@@ -248,14 +248,17 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def output_file(text: str, flag: str = "--out") -> Path:
-    """An output file path, refused at once (before any work) unless it can be written: not a folder, in a
-    folder that exists and takes new files (the atomic write puts a temporary file beside it)."""
+def output_file(text: str, flag: str = "--out", overwrite: bool = False) -> Path:
+    """An output file path, refused at once (before any work) unless it can be written: not a folder, not an
+    existing file (unless `overwrite`), in a folder that exists and takes new files (the atomic write puts a
+    temporary file beside it)."""
     from .runconfig import cannot_create_in
 
     out = Path(text)
     if out.is_dir():
         raise ValueError(f"{flag} {out} is a folder; give a file path such as {out / 'results.json'}")
+    if out.exists() and not overwrite:
+        raise ValueError(f"{flag} {out} exists; pass --overwrite to replace it, or give another path")
     if not out.parent.is_dir():
         raise ValueError(f"{flag} {out}: folder {out.parent} does not exist")
     reason = cannot_create_in(out.parent)
@@ -269,7 +272,8 @@ def command_table(args: argparse.Namespace) -> int:
     from .table import csv_table, load_table_records, markdown_table, ppl_context_table
 
     if args.out:  # PREFIX.md and PREFIX.csv: the suffixes are added, whatever dots PREFIX holds
-        output_file(f"{args.out}.md")
+        output_file(f"{args.out}.md", overwrite=args.overwrite)
+        output_file(f"{args.out}.csv", overwrite=args.overwrite)
     records = load_table_records(args.results)
     contexts = ppl_context_table(records)
     main_table = markdown_table(records)
@@ -312,7 +316,7 @@ def command_recall(args: argparse.Namespace) -> int:
 
     if len(args.checkpoints) != 1:
         raise ValueError("attnlab recall takes one checkpoint")
-    out = output_file(args.out)
+    out = output_file(args.out, overwrite=args.overwrite)
     record = evaluate_recall(
         args.checkpoints[0],
         args.task,
@@ -468,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated tasks/lists/YAML paths, or none (default: offline; none with --ppl-contexts)",
     )
     evaluate.add_argument("--out", default="results.json", help="results file (default: results.json)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --samples)")
     evaluate.add_argument(
         "--eval-data", metavar="DIR", help="read the paper's nine tasks from local copies of their datasets in DIR"
     )
@@ -499,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     table.add_argument("results", nargs="+", metavar="RESULTS", help="results.json files written by attnlab eval")
     table.add_argument("--out", metavar="PREFIX", help="write PREFIX.md and PREFIX.csv")
+    table.add_argument("--overwrite", action="store_true", help="replace existing PREFIX.md and PREFIX.csv")
     table.set_defaults(handler=command_table)
 
     analyze = subcommands.add_parser(
@@ -538,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     recall.add_argument("--batch-size", type=_positive_int, default=64)
     recall.add_argument("--skip-nonstandard", action="store_true", help="remove the non-standard layers (skip)")
     recall.add_argument("--out", default="recall.json", help="results file (default: recall.json)")
+    recall.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     recall.set_defaults(handler=command_recall)
 
     study = subcommands.add_parser(

@@ -134,17 +134,22 @@ class Run:
     def stages(self, folder: Path) -> list[tuple[str, list[str]]]:
         """[(stage name, attnlab argv)] in execution order; `folder` is this run's training output folder."""
         model, files = str(folder), folder / STUDY_FILES
+
+        def into(name: str) -> list[str]:  # the study's own results files: a retried stage replaces them
+            return ["--out", str(files / name), "--overwrite"]
+
         stages = [("train", ["train", *train_flags(self), "--out", model])]
         if self.data == "corpus":
             evaluate = ["eval", model, "--tasks", self.tasks or "offline", *self.eval_args]
-            stages.append(("eval", [*evaluate, "--out", str(files / "results.json")]))
+            stages.append(("eval", [*evaluate, *into("results.json")]))
             if self.skip:
-                stages.append(("skip", [*evaluate, "--skip-nonstandard", "--out", str(files / "skip.json")]))
+                stages.append(("skip", [*evaluate, "--skip-nonstandard", *into("skip.json")]))
         else:
-            stages.append(("recall", ["recall", model, *self.eval_args, "--out", str(files / "recall.json")]))
+            stages.append(("recall", ["recall", model, *self.eval_args, *into("recall.json")]))
             if self.skip:
-                skip = ["recall", model, *self.eval_args, "--skip-nonstandard"]
-                stages.append(("recall-skip", [*skip, "--out", str(files / "recall-skip.json")]))
+                stages.append(
+                    ("recall-skip", ["recall", model, *self.eval_args, "--skip-nonstandard", *into("recall-skip.json")])
+                )
         return stages
 
 
