@@ -37,7 +37,7 @@ from attnlab.report import (
     placement_section,
     window_losses,
 )
-from attnlab.runconfig import resolve_run_config
+from attnlab.runconfig import lock_folder, resolve_run_config
 from attnlab.study import (
     VARIANTS,
     Analysis,
@@ -250,6 +250,21 @@ def test_a_finished_study_is_reused_on_resume_and_refused_without(finished):
     other = build_study("quick", mixers=["mlp"])
     with pytest.raises(ValueError, match="whose runs differ"):
         run_study(other, finished, resume=True, progress=False)
+
+
+def test_a_second_study_process_on_one_folder_stops_at_once(finished):
+    before = {path: path.stat().st_mtime_ns for path in finished.rglob("*") if path.is_file()}
+    with lock_folder(finished):  # as a running study holds it
+        with pytest.raises(ValueError) as error:
+            run_study(mini_study(), finished, resume=True, progress=False)
+    assert str(error.value) == (
+        f"{finished} is in use by another attnlab process (PID {os.getpid()}); wait for it to end, "
+        "or choose another folder"
+    )
+    after = {path: path.stat().st_mtime_ns for path in finished.rglob("*") if path.is_file()}
+    assert {p: t for p, t in after.items() if p.name != ".attnlab.lock"} == {
+        p: t for p, t in before.items() if p.name != ".attnlab.lock"
+    }
 
 
 def test_a_killed_study_resumes_where_it_stopped(tmp_path):

@@ -51,10 +51,10 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .config import MIXER_NAMES, PLACEMENTS, resolve_layer_pattern
-from .runconfig import write_text_atomic
+from .runconfig import lock_folder, write_text_atomic
 
 VARIANTS = tuple(name for name in MIXER_NAMES if name != "standard")
 EXECUTORS = ("local", "submitit-local", "slurm")
@@ -537,10 +537,18 @@ def load_study(out: Path) -> Study:
     return Study.from_dict(json.loads(path.read_text()))
 
 
-def _claim_folder(out: Path, study: Study, resume: bool) -> None:
-    """Write study.json, or check that the one in `out` describes the same study when resuming."""
+def _claim_folder(out: Path, study: Study, resume: bool) -> IO[str]:
+    """Lock `out` for this study process (the returned file holds the lock until closed), then write
+    study.json, or check that the one in `out` describes the same study when resuming."""
     path = out / "study.json"
-    if path.is_file():
+    if not path.is_file() and out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no study; choose an empty or new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(out)
+    try:
+        if not path.is_file():
+            write_text_atomic(path, json.dumps(study.to_dict(), indent=1) + "\n")
+            return lock
         if not resume:
             raise ValueError(f"{out} already holds a study; add --resume to continue it, or choose another --out")
         saved = load_study(out)
@@ -550,11 +558,10 @@ def _claim_folder(out: Path, study: Study, resume: bool) -> None:
                 f"--resume: {out} holds study {saved.name!r} whose runs differ from this one "
                 f"({', '.join(changed[:3]) or 'names'}); use the same preset and options, or another --out"
             )
-        return
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty and holds no study; choose an empty or new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(study.to_dict(), indent=1) + "\n")
+        return lock
+    except BaseException:
+        lock.close()
+        raise
 
 
 def _check_machine(study: Study, executor: str) -> None:
@@ -586,19 +593,24 @@ def run_study(
 ) -> dict:
     """Execute every unfinished run of `study` into `out`, then its analyses and the report.
 
-    Returns {"failed": [run or analysis names], "report": path or None}. Raises ValueError for bad input.
+    Returns {"failed": [run or analysis names], "report": path or None}. Raises ValueError for bad input,
+    and when another study process holds `out`.
     """
-    from tqdm.auto import tqdm
-
-    from .report import write_report
-
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose {', '.join(EXECUTORS)}")
     _check_machine(study, executor)
     out = Path(out).resolve()
-    _claim_folder(out, study, resume)
+    with _claim_folder(out, study, resume):  # held until the report is written
+        return _run_claimed_study(study, out, jobs, executor, slurm, progress)
+
+
+def _run_claimed_study(study: Study, out: Path, jobs: int, executor: str, slurm: dict | None, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    from .report import write_report
+
     threads = max(1, (os.cpu_count() or 1) // jobs)
     tasks = [(execute_run, run.name) for run in study.runs]
     failed: list[str] = []
