@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from attnlab.evaluation import (
     tokenizer_record,
     trained_seq_len,
 )
+from attnlab.runconfig import lock_output_file
 from attnlab.tasks import BUILTIN_TASKS
 
 from .conftest import PicklePayload, tiny_config
@@ -669,6 +671,12 @@ def test_existing_outputs_are_replaced_only_with_overwrite(checkpoint, record, t
     for command in (["eval", str(checkpoint), "--tasks", "lastword"], ["recall", str(checkpoint), "--task", "mqar"]):
         error = _one_line_error(capsys, [*command, "--out", str(results)])
         assert "exists; pass --overwrite to replace it" in error
+        with lock_output_file(results):  # as another eval or recall writing this file holds it
+            error = _one_line_error(capsys, [*command, "--out", str(results), "--overwrite"])
+        assert error == (
+            f"attnlab: error: {results} is in use by another attnlab process (PID {os.getpid()}); wait for it to "
+            "end, or choose another path"
+        )
     assert results.read_text() == results_json([record])
 
 

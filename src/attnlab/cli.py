@@ -201,7 +201,7 @@ def _batch_size(text: str) -> int | str:
 
 def command_eval(args: argparse.Namespace) -> int:
     from .evaluation import check_checkpoint, evaluate_checkpoint, resolve_tasks, results_json, write_samples
-    from .runconfig import write_text_atomic
+    from .runconfig import lock_output_file, write_text_atomic
     from .table import markdown_table, ppl_context_table
     from .train import pick_device
 
@@ -222,26 +222,27 @@ def command_eval(args: argparse.Namespace) -> int:
     for checkpoint in args.checkpoints:  # all of them before the first evaluation starts
         check_checkpoint(Path(checkpoint))
     records = []
-    for checkpoint in args.checkpoints:
-        records.append(
-            evaluate_checkpoint(
-                checkpoint,
-                selection,
-                limit=args.limit,
-                batch_size=args.batch_size,
-                device=device,
-                dtype=args.dtype,
-                skip_nonstandard=args.skip_nonstandard,
-                ppl_contexts=args.ppl_contexts or (),
-                ppl_data=args.ppl_data,
-                corpus=args.corpus,
-                max_length=args.max_length,
-                log_samples=args.samples is not None,
+    with lock_output_file(out):  # one writer of this results file
+        for checkpoint in args.checkpoints:
+            records.append(
+                evaluate_checkpoint(
+                    checkpoint,
+                    selection,
+                    limit=args.limit,
+                    batch_size=args.batch_size,
+                    device=device,
+                    dtype=args.dtype,
+                    skip_nonstandard=args.skip_nonstandard,
+                    ppl_contexts=args.ppl_contexts or (),
+                    ppl_data=args.ppl_data,
+                    corpus=args.corpus,
+                    max_length=args.max_length,
+                    log_samples=args.samples is not None,
+                )
             )
-        )
-        write_text_atomic(out, results_json(records))  # after every checkpoint: finished work is kept
-        if args.samples:
-            write_samples(args.samples, records)
+            write_text_atomic(out, results_json(records))  # after every checkpoint: finished work is kept
+            if args.samples:
+                write_samples(args.samples, records)
     if args.table:
         print(markdown_table(records) + ("\n" + ppl_context_table(records) if args.ppl_contexts else ""))
     print(f"attnlab: results of {len(records)} checkpoint(s) are in {out}", file=sys.stderr)
@@ -311,23 +312,24 @@ def command_analyze(args: argparse.Namespace) -> int:
 
 def command_recall(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_recall
-    from .runconfig import write_text_atomic
+    from .runconfig import lock_output_file, write_text_atomic
     from .train import pick_device
 
     if len(args.checkpoints) != 1:
         raise ValueError("attnlab recall takes one checkpoint")
     out = output_file(args.out, overwrite=args.overwrite)
-    record = evaluate_recall(
-        args.checkpoints[0],
-        args.task,
-        num_examples=args.num_examples,
-        batch_size=args.batch_size,
-        device=str(pick_device(args.device)),
-        skip_nonstandard=args.skip_nonstandard,
-    )
-    if not math.isfinite(record["stderr"]):  # one example has no standard error; JSON has no NaN
-        record["stderr"] = None
-    write_text_atomic(out, json.dumps(record, indent=1) + "\n")
+    with lock_output_file(out):  # one writer of this results file
+        record = evaluate_recall(
+            args.checkpoints[0],
+            args.task,
+            num_examples=args.num_examples,
+            batch_size=args.batch_size,
+            device=str(pick_device(args.device)),
+            skip_nonstandard=args.skip_nonstandard,
+        )
+        if not math.isfinite(record["stderr"]):  # one example has no standard error; JSON has no NaN
+            record["stderr"] = None
+        write_text_atomic(out, json.dumps(record, indent=1) + "\n")
     spread = "n/a" if record["stderr"] is None else f"{100 * record['stderr']:.1f}"
     print(
         f"attnlab: {record['task']}: accuracy {100 * record['accuracy']:.1f} ± {spread} % "

@@ -229,7 +229,16 @@ def lock_folder(folder: Path) -> IO[str]:
     """Take the exclusive advisory lock (`flock`) of `folder`, which must exist, for as long as the returned
     file stays open (the kernel drops it when the process dies). A second writer gets one line naming the
     holder's PID."""
-    handle = open(folder / LOCK_FILE, "a+")
+    return _hold_lock(folder / LOCK_FILE, folder, "another folder")
+
+
+def lock_output_file(path: Path) -> IO[str]:
+    """The same for one output file (`.NAME.lock` beside it): two processes never write one results file."""
+    return _hold_lock(path.with_name(f".{path.name}.lock"), path, "another path")
+
+
+def _hold_lock(lock_path: Path, target: Path, elsewhere: str) -> IO[str]:
+    handle = open(lock_path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -237,8 +246,7 @@ def lock_folder(folder: Path) -> IO[str]:
         holder = handle.read().strip() or "unknown"
         handle.close()
         raise ValueError(
-            f"{folder} is in use by another attnlab process (PID {holder}); wait for it to end, "
-            "or choose another folder"
+            f"{target} is in use by another attnlab process (PID {holder}); wait for it to end, or choose {elsewhere}"
         ) from None
     handle.seek(0)
     handle.truncate()
@@ -282,6 +290,7 @@ __all__ = [
     "TrainConfig",
     "check_resume_compatible",
     "lock_folder",
+    "lock_output_file",
     "resolve_run_config",
     "write_text_atomic",
 ]
