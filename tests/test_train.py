@@ -496,7 +496,8 @@ def test_a_run_that_saved_nothing_starts_again(corpus, uninterrupted, tmp_path):
     that saved nothing: neither a plain rerun nor --resume refuses its folder, and the run that follows is
     the uninterrupted run, with none of the aborted attempts' metrics."""
     out = tmp_path / "retry"
-    assert run_attnlab(tiny_train_args(corpus, out, "--seq-len", "512")).returncode == 2
+    missing = tiny_train_args(corpus, out, "--data", str(tmp_path / "missing.jsonl"))  # found once data is opened
+    assert run_attnlab(missing).returncode == 2
     assert (out / "run_config.yaml").exists()
     killed = run_attnlab(tiny_train_args(corpus, out), fault="kill-at-step:3")  # --save-every 4
     assert killed.returncode == -signal.SIGKILL and "starting it from the beginning" in killed.stderr
