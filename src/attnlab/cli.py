@@ -61,15 +61,13 @@ def model_overrides(args: argparse.Namespace) -> dict:
 
 
 def command_env(args: argparse.Namespace) -> int:
-    from .environment import LOCK_FILE_NAME, default_lock_path, lock_differences, read_lock, versions
+    from .environment import LOCK_FILE_NAME, default_lock_path, lock_differences, package_versions, read_lock
 
-    record = versions()
+    record = package_versions()
     lock_path = Path(args.lock) if args.lock else default_lock_path()
     lock = read_lock(lock_path) if lock_path is not None else None
     width = max(len(name) for name in record)
     for name, version in record.items():
-        if name == "lock":
-            continue
         locked = (lock or {}).get(name)
         note = "" if locked is None else f"  (lock {locked})"
         print(f"{name:<{width}}  {version or 'not installed'}{note}")

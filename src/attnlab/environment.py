@@ -103,10 +103,14 @@ def lock_status(lock_path: Path | None = None) -> str:
     return f"differs from {LOCK_FILE_NAME}: " + ", ".join(str(difference) for difference in differences)
 
 
+def package_versions() -> dict[str, str | None]:
+    """Python's version and those of `RECORDED_PACKAGES`."""
+    return {"python": platform.python_version(), **{name: installed_version(name) for name in RECORDED_PACKAGES}}
+
+
 def versions() -> dict[str, str | None]:
-    """Python's version, those of `RECORDED_PACKAGES`, and whether the installed set matches the lock."""
-    record: dict[str, str | None] = {"python": platform.python_version()}
-    record.update({name: installed_version(name) for name in RECORDED_PACKAGES})
+    """`package_versions()`, and whether the installed set matches the lock."""
+    record = package_versions()
     try:
         record["lock"] = lock_status()
     except ValueError as error:
@@ -122,6 +126,7 @@ __all__ = [
     "installed_version",
     "lock_differences",
     "lock_status",
+    "package_versions",
     "read_lock",
     "versions",
 ]

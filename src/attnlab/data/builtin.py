@@ -29,9 +29,10 @@ import os
 import platform
 import re
 import sysconfig
-import tempfile
 import tokenize
 from pathlib import Path
+
+from ..runconfig import write_text_atomic
 
 # Folders of the standard library whose files are not prose documentation of the library itself.
 _SKIPPED_FOLDERS = frozenset(
@@ -185,13 +186,8 @@ def builtin_documents() -> tuple[str, ...]:
     documents = extract_builtin_documents()
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump({"sha256": _documents_hash(documents), "documents": documents}, handle)
-            os.replace(temporary, path)  # atomic: concurrent processes never see half a file
-        finally:
-            Path(temporary).unlink(missing_ok=True)
+        # atomic: concurrent processes never see half a file
+        write_text_atomic(path, json.dumps({"sha256": _documents_hash(documents), "documents": documents}))
     except OSError:
         pass  # a read-only cache folder only costs the extraction time
     return tuple(documents)
