@@ -73,9 +73,10 @@ def tiny_train_args(corpus: Path, out: Path, *extra: str) -> list[str]:
 FAULTY_ATTNLAB = Path(__file__).with_name("faulty_attnlab.py")
 
 
-def run_attnlab(args: list[str], fault: str | None = None, launcher: list[str] | None = None):
-    """`attnlab ARGS` in a child process; with `fault`, through the test-only launcher that injects it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_attnlab(args: list[str], fault: str | None = None, launcher: list[str] | None = None, env=None):
+    """`attnlab ARGS` in a child process (environment variables `env` added); with `fault`, through the
+    test-only launcher that injects it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if fault:
         assert launcher is None
         command = [sys.executable, str(FAULTY_ATTNLAB), fault, *args]

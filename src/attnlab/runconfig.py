@@ -89,10 +89,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"preset": self.preset, "model": dict(self.model), "train": dataclasses.asdict(self.train)}
 
-    def write(self, path: Path) -> None:
-        """The resolved configuration, and the software versions of the process that writes it (a record:
-        `--resume` compares only the `model` and `train` sections)."""
-        record = {**self.to_dict(), "versions": versions()}
+    def write(self, path: Path, sources: dict | None = None) -> None:
+        """The resolved configuration, the software versions of the process that writes it, and the
+        `sources` read ({"data"|"tokenizer": {"spec", "revision": Hub commit or null}}). `--resume` compares
+        only the `model` and `train` sections, and reads the data at the recorded commit."""
+        record = {**self.to_dict(), "versions": versions(), **({"sources": sources} if sources else {})}
         write_text_atomic(path, yaml.safe_dump(record, sort_keys=False))
 
 

@@ -134,13 +134,13 @@ def _train(run: RunConfig, out: Path, resume: bool, overwrite: bool, devices: De
     folder_lock: list = []  # rank 0's lock on `out`, held until this function returns
     try:
         checkpoint = devices.main_decides(lambda: _claim_output_folder(run, out, resume, overwrite, folder_lock))
-        return _train_in(run, out, resume, checkpoint, devices)
+        return _train_in(run, out, checkpoint, devices)
     finally:
         for lock in folder_lock:
             lock.close()
 
 
-def _train_in(run: RunConfig, out: Path, resume: bool, checkpoint: Path | None, devices: Devices) -> Path:
+def _train_in(run: RunConfig, out: Path, checkpoint: Path | None, devices: Devices) -> Path:
     settings = run.train
     accumulation = _accumulation_steps(settings, devices.world_size)
     torch.manual_seed(settings.seed)
@@ -152,11 +152,15 @@ def _train_in(run: RunConfig, out: Path, resume: bool, checkpoint: Path | None, 
     if task is not None:
         stream = synthetic.SyntheticTrainStream(task, settings.seed, rank=devices.rank, world_size=devices.world_size)
         heldout = synthetic.heldout_examples(task, settings.seed, settings.eval_sequences)  # (inputs, labels)
-        vocabulary = {"vocab_size": task.vocab_size}
+        vocabulary, sources = {"vocab_size": task.vocab_size}, None
     else:
-        corpus = attnlab_data.open_corpus(settings.data)
-        if not resume:
-            devices.main_decides(lambda: attnlab_data.build_tokenizer(settings.tokenizer, corpus).save_pretrained(out))
+        # A resumed run reads the Hub commits it started with, whatever the names resolve to now.
+        sources = _read_run_config(out / "run_config.yaml").get("sources") if checkpoint is not None else None
+        sources = sources if isinstance(sources, dict) else {}
+        corpus = attnlab_data.open_corpus(settings.data, revision=_recorded_revision(sources, "data"))
+        if checkpoint is None:
+            sources["tokenizer"] = devices.main_decides(lambda: _save_tokenizer(settings.tokenizer, corpus, out))
+        sources["data"] = {"spec": settings.data, "revision": corpus.revision}
         tokenizer = _load_tokenizer(out)
         stream = attnlab_data.make_train_stream(
             corpus, tokenizer, settings.seq_len, settings.seed, rank=devices.rank, world_size=devices.world_size
@@ -209,7 +213,7 @@ def _train_in(run: RunConfig, out: Path, resume: bool, checkpoint: Path | None, 
         if devices.is_main:
             _truncate_metrics(out / "metrics.jsonl", step)
     if devices.is_main:
-        run.write(out / "run_config.yaml")
+        run.write(out / "run_config.yaml", sources)
 
     logger = _Logger(out, run, devices, total_steps, step)
     autocast = (
@@ -425,6 +429,20 @@ def _accumulation_steps(settings, world_size: int) -> int:
             f"{settings.batch_size} × {world_size}; adjust --batch-size or --global-batch-size"
         )
     return settings.global_batch_size // per_step
+
+
+def _save_tokenizer(spec: str, corpus, out: Path) -> dict[str, str | None]:
+    """Build the `--tokenizer` into OUT (a Hub one pinned to the commit its name resolves to now); returns
+    its record for run_config.yaml's `sources`."""
+    revision = attnlab_data.tokenizer_revision(spec)
+    attnlab_data.build_tokenizer(spec, corpus, revision).save_pretrained(out)
+    return {"spec": spec, "revision": revision}
+
+
+def _recorded_revision(sources: dict, name: str) -> str | None:
+    record = sources.get(name)
+    revision = record.get("revision") if isinstance(record, dict) else None
+    return revision if isinstance(revision, str) else None
 
 
 def _load_tokenizer(out: Path):

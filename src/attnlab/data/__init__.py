@@ -14,7 +14,7 @@ checks), `tokenizer`, `packing` (eos-joined token streams, held-out sequences, s
 from .corpus import SPLITS, Corpus, open_corpus
 from .packing import first_tokens, heldout_sequences, split_tokens, unigram_entropy
 from .stream import PackedTrainStream, StreamingTrainStream, TrainStream, make_train_stream
-from .tokenizer import EOS_TOKEN, build_tokenizer
+from .tokenizer import EOS_TOKEN, build_tokenizer, tokenizer_revision
 
 __all__ = [
     "EOS_TOKEN",
@@ -29,5 +29,6 @@ __all__ = [
     "make_train_stream",
     "open_corpus",
     "split_tokens",
+    "tokenizer_revision",
     "unigram_entropy",
 ]

@@ -10,8 +10,8 @@ Two sources, both read without importing any standard-library module other than 
 
 Cleaning (so that the text is prose, not code): test packages, IDLE, turtledemo, the codec tables of
 `encodings`, `site-packages` and build folders are skipped; doctest blocks (`>>>` lines and their output)
-are dropped (from the topics too); docstrings of fewer than three words are dropped; a docstring already seen anywhere earlier
-in the corpus (e.g. "Return repr(self).") is kept only the first time.
+are dropped (from the topics too); docstrings of fewer than three words are dropped; a docstring already
+seen anywhere earlier in the corpus (e.g. "Return repr(self).") is kept only the first time.
 
 The result depends only on the Python installation (version and distribution), so it is the same on every
 run on a machine; `builtin_fingerprint()` identifies it in records. Extraction parses ~9 MB of source (a

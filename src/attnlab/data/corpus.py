@@ -37,7 +37,7 @@ from typing import Any
 
 from .builtin import builtin_description, builtin_documents
 from .files import DataFiles, check_data_files, resolve_data_files
-from .hub import hub_unreachable_reason
+from .hub import hub_revision, hub_unreachable_reason
 
 SPLITS = ("train", "valid", "test")
 TEXT_FIELD = "text"
@@ -114,6 +114,7 @@ class Corpus:
     spec: str
     description: str
     streaming: bool = False
+    revision: str | None = None  # the Hub commit read (Hub datasets only)
 
     def __init__(self, spec: str, description: str):
         self.spec = spec
@@ -211,9 +212,9 @@ class HubCorpus(Corpus):
 
     streaming = True
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, revision: str | None = None):
         self.name, self.config = _parse_hub_spec(spec[len("hf:") :])
-        self._splits = _load_hub_dataset(self.name, self.config, spec)
+        self.revision, self._splits = _load_hub_dataset(self.name, self.config, spec, revision)
         if "train" not in self._splits:
             raise ValueError(f"{spec} has no train split (its splits: {', '.join(self._splits) or 'none'})")
         features = self._splits["train"].features
@@ -258,12 +259,14 @@ def _parse_hub_spec(rest: str) -> tuple[str, str | None]:
     return name, config or None
 
 
-def _load_hub_dataset(name: str, config: str | None, spec: str) -> dict[str, Any]:
+def _load_hub_dataset(name: str, config: str | None, spec: str, revision: str | None) -> tuple[str | None, dict]:
+    """(the Hub commit read, or None for a local directory; the dataset's splits), pinned to `revision`, or
+    else to the commit the name resolves to now (see `hub_revision`)."""
     import datasets
 
     local = Path(name).expanduser()
     if local.exists():
-        name = str(local)
+        name, revision = str(local), None
     elif name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ValueError(f"could not load {spec}: no such directory {name}")
     else:
@@ -273,9 +276,10 @@ def _load_hub_dataset(name: str, config: str | None, spec: str) -> dict[str, Any
                 f"could not load {spec}: the Hugging Face Hub is unreachable ({reason}); use a local directory "
                 f"(hf:/path/to/folder) or local files, or set HF_HUB_OFFLINE=1 to use a cached copy"
             )
+        revision = revision or hub_revision(name, "dataset")
     try:
         with no_download_counts() if local.exists() else contextlib.nullcontext():
-            return dict(datasets.load_dataset(name, config, streaming=True))
+            return revision, dict(datasets.load_dataset(name, config, revision=revision, streaming=True))
     except datasets.exceptions.DatasetNotFoundError:
         raise ValueError(
             f"could not load {spec}: no such dataset on the Hugging Face Hub (if it is gated or private, "
@@ -298,8 +302,10 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def open_corpus(spec: str) -> Corpus:
+def open_corpus(spec: str, revision: str | None = None) -> Corpus:
     """The corpus a `--data` spec names: "builtin", "hf:<name>[:<config>]", or local files (see module doc).
+    A Hub dataset is read at commit `revision` (default: the one its name resolves to now, kept as
+    `corpus.revision` for the run's record and its resumes).
 
     Local files are checked completely here (a bad line is reported with its file and line number); a
     Hub dataset's splits and fields are resolved here. Raises ValueError with one actionable line.
@@ -308,5 +314,5 @@ def open_corpus(spec: str) -> Corpus:
     if name in ("", "builtin"):
         return BuiltinCorpus(spec)
     if name.startswith("hf:"):
-        return HubCorpus(name)
+        return HubCorpus(name, revision)
     return LocalFilesCorpus(name)

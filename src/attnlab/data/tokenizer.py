@@ -21,15 +21,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .corpus import Corpus
-from .hub import hub_offline_mode, hub_unreachable_reason
+from .hub import hub_offline_mode, hub_revision, hub_unreachable_reason
 
 EOS_TOKEN = "<|endoftext|>"
 STREAMING_SAMPLE_BYTES = 20_000_000  # how much of a streaming corpus's train split bpe: and statistics read
 _BYTE_SYMBOLS = 256
 
 
-def build_tokenizer(spec: str, corpus: Corpus):
-    """The tokenizer a `--tokenizer` spec names; ValueError with one line if it cannot be had."""
+def build_tokenizer(spec: str, corpus: Corpus, revision: str | None = None):
+    """The tokenizer a `--tokenizer` spec names (a Hub one at commit `revision`, see `tokenizer_revision`);
+    ValueError with one line if it cannot be had."""
     if spec.startswith("bpe:"):
         size = spec[len("bpe:") :]
         if not size.isdigit() or int(size) < _BYTE_SYMBOLS + 1:
@@ -38,7 +39,7 @@ def build_tokenizer(spec: str, corpus: Corpus):
                 f"(256 byte symbols + {EOS_TOKEN})"
             )
         return train_bpe_tokenizer(corpus, int(size))
-    return load_pretrained_tokenizer(spec)
+    return load_pretrained_tokenizer(spec, revision)
 
 
 def train_documents_sample(corpus: Corpus) -> Iterator[str]:
@@ -80,19 +81,27 @@ def train_bpe_tokenizer(corpus: Corpus, vocab_size: int):
     )
 
 
-def load_pretrained_tokenizer(spec: str):
-    """AutoTokenizer by Hub name or local path, failing fast and plainly when the Hub is out of reach."""
+def tokenizer_revision(spec: str) -> str | None:
+    """The Hub commit a `--tokenizer` spec names now (None for bpe:, a local folder, or an unknown one)."""
+    if spec.startswith("bpe:") or Path(spec).expanduser().exists():
+        return None
+    return hub_revision(spec, "model")
+
+
+def load_pretrained_tokenizer(spec: str, revision: str | None = None):
+    """AutoTokenizer by Hub name (at commit `revision` if given) or local path, failing fast and plainly when
+    the Hub is out of reach."""
     from transformers import AutoTokenizer
 
     local = Path(spec).expanduser()
     source = str(local) if local.exists() else spec
-    options = {}
+    options = {} if revision is None or local.exists() else {"revision": revision}
     if not local.exists() and not hub_offline_mode() and hub_unreachable_reason() is not None:
         options["local_files_only"] = True  # the Hub is out of reach, but a cached copy is still fine
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
     except Exception as error:  # noqa: BLE001  (not found, gated, malformed: reported in one line)
-        if options:
+        if "local_files_only" in options:
             raise ValueError(
                 f"could not load tokenizer {spec!r}: the Hugging Face Hub is unreachable ({hub_unreachable_reason()}) "
                 f"and no cached copy exists; give a local tokenizer folder or bpe:<vocab_size>"
