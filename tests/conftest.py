@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import json
 import signal
 from pathlib import Path
 
@@ -42,17 +42,36 @@ def tiny_config(**overrides) -> AttnLabConfig:
     return AttnLabConfig(**options)
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small real-English JSONL corpus: CPython's documentation topics (on every Python install)."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("corpus") / "topics.jsonl"
+    with path.open("w") as handle:
+        for name in sorted(topics)[:60]:
+            handle.write(json.dumps({"text": topics[name]}) + "\n")
+    return path
+
+
 @pytest.fixture(autouse=True, scope="session")
-def _private_cache(tmp_path_factory):
-    """attnlab's cache (the extracted built-in corpus) in a folder of this test session, for this process
-    and the attnlab processes it starts, never in the user's ~/.cache."""
-    previous = os.environ.get("ATTNLAB_CACHE")
-    os.environ["ATTNLAB_CACHE"] = str(tmp_path_factory.mktemp("attnlab-cache"))
-    yield
-    if previous is None:
-        os.environ.pop("ATTNLAB_CACHE", None)
-    else:
-        os.environ["ATTNLAB_CACHE"] = previous
+def _private_caches(tmp_path_factory):
+    """attnlab's cache (the extracted built-in corpus) and `datasets`' cache (lm-eval's JSON tasks, ...) in
+    folders of this test session, for this process and the processes it starts: never the user's ~/.cache."""
+    import datasets.config
+
+    attnlab_cache, datasets_cache = tmp_path_factory.mktemp("attnlab-cache"), tmp_path_factory.mktemp("hf-datasets")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ATTNLAB_CACHE", str(attnlab_cache))
+        patch.setenv("HF_DATASETS_CACHE", str(datasets_cache))
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", datasets_cache)  # read when datasets was imported
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _working_folder(tmp_path, monkeypatch):
+    """Each test runs in its own folder: a default output such as eval's results.json lands there."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -13,27 +13,106 @@ from attnlab.export import to_qwen2, to_qwen3
 from attnlab.model import default_fixed_sequence, default_shadow_noise
 
 from .conftest import tiny_config
+from .test_inspection import assert_attention_matters
+
+IMPLEMENTATIONS = ("fast", "reference")
+PARITY_LEN = 32  # a uniform causal map of this length has mean row max 0.13, below the "attention matters" range
+PARITY_ATOL = 2e-5  # float32 logit error against transformers: measured ≤ 5.2e-6 (see the parity tests)
+
+
+def attentive_model(**overrides) -> AttnLabForCausalLM:
+    """A tiny model in which attention matters: weights of std 0.2 (not 0.02) give maps that are neither
+    uniform nor one-hot (mean row max ≈ 0.34 at L = 32) and attention outputs of the residual stream's size.
+
+    At the default init, replacing every map by a uniform average moves the logits by only ~2e-3, so a
+    parity test there cannot see the score scale.
+    """
+    return AttnLabForCausalLM(tiny_config(initializer_range=0.2, **overrides)).eval()
 
 
 @pytest.mark.parametrize("num_key_value_heads", [4, 2, 1])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("head_dim", [None, 16])
 def test_all_standard_model_matches_qwen2(num_key_value_heads, tied, head_dim):
-    """Weights load strictly into Qwen2ForCausalLM and the logits agree (fp32, ≤ 1e-4); an explicit head_dim
-    (16 × 4 heads in a width-32 model) carries over."""
-    config = tiny_config(num_key_value_heads=num_key_value_heads, tie_word_embeddings=tied, head_dim=head_dim)
-    ours = AttnLabForCausalLM(config).eval()
+    """Weights load strictly into Qwen2ForCausalLM and both paths give its logits, with and without right
+    padding; an explicit head_dim (16 × 4 heads in a width-32 model) carries over.
+
+    Measured float32 error: ≤ 5.2e-6 over these cases (logits of std ≈ 1.1), so the tolerance is 2e-5;
+    scaling every score by 1.01 moves the logits by ≥ 5.3e-2.
+    """
+    ours = attentive_model(num_key_value_heads=num_key_value_heads, tie_word_embeddings=tied, head_dim=head_dim)
     qwen = to_qwen2(ours)  # loads the weights strictly
-    input_ids = torch.randint(0, config.vocab_size, (3, 17))
+    input_ids = torch.randint(0, ours.config.vocab_size, (3, PARITY_LEN))
     attention_mask = torch.ones_like(input_ids)
-    attention_mask[0, 12:] = 0  # right padding
+    attention_mask[0, 20:] = 0  # right padding
     real = attention_mask.bool()  # outputs at padded positions are unused; compare real tokens
     with torch.no_grad():
+        assert_attention_matters(ours(input_ids, output_attentions=True).attentions)
         for mask in (None, attention_mask):
             expected = qwen(input_ids, attention_mask=mask).logits[real]
-            assert torch.allclose(ours(input_ids, attention_mask=mask).logits[real], expected, atol=1e-4)
-            reference = ours(input_ids, attention_mask=mask, mixer_implementation="reference").logits[real]
-            assert torch.allclose(reference, expected, atol=1e-4)
+            for implementation in IMPLEMENTATIONS:
+                logits = ours(input_ids, attention_mask=mask, mixer_implementation=implementation).logits[real]
+                torch.testing.assert_close(logits, expected, atol=PARITY_ATOL, rtol=0)
+
+
+def test_explicit_position_ids_reach_rope_as_in_qwen2():
+    """Explicit position_ids [batch, seq] give Qwen2's logits on both paths: row 0 shifted by 5 (RoPE is
+    relative, so about the default logits), row 1 with a jump of 7 after position 15, which changes the
+    relative distances and so the logits."""
+    ours = attentive_model()
+    qwen = to_qwen2(ours)
+    input_ids = torch.randint(0, ours.config.vocab_size, (2, PARITY_LEN))
+    positions = torch.arange(PARITY_LEN)
+    position_ids = torch.stack([positions + 5, positions + 7 * (positions >= PARITY_LEN // 2)])  # [2, seq]
+    with torch.no_grad():
+        expected = qwen(input_ids, position_ids=position_ids).logits
+        for implementation in IMPLEMENTATIONS:
+            logits = ours(input_ids, position_ids=position_ids, mixer_implementation=implementation).logits
+            torch.testing.assert_close(logits, expected, atol=PARITY_ATOL, rtol=0)
+        default = ours(input_ids).logits
+    torch.testing.assert_close(default[0], expected[0], atol=PARITY_ATOL, rtol=0)
+    assert (default[1] - expected[1]).abs().max() > 0.1
+
+
+def test_default_position_ids_given_explicitly_change_nothing():
+    """position_ids = 0..L−1, for one row or every row, is the default, for a stack with every mixer."""
+    model = attentive_model(mixer_types=list(MIXER_NAMES), num_hidden_layers=len(MIXER_NAMES))
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    positions = torch.arange(12)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        for position_ids in (positions[None], positions.expand(2, -1)):
+            assert torch.equal(model(input_ids, position_ids=position_ids).logits, expected)
+
+
+def test_inputs_embeds_equal_looked_up_input_ids():
+    """forward(inputs_embeds=Emb(ids)) is forward(ids) on both paths, for a stack with one layer of every mixer
+    (staticembqk takes its queries and keys from these embeddings), and generate continues them alike."""
+    model = attentive_model(mixer_types=list(MIXER_NAMES), num_hidden_layers=len(MIXER_NAMES))
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        inputs_embeds = model.get_input_embeddings()(input_ids)  # [batch, seq, hidden]
+        for implementation in IMPLEMENTATIONS:
+            expected = model(input_ids, mixer_implementation=implementation).logits
+            assert torch.equal(model(inputs_embeds=inputs_embeds, mixer_implementation=implementation).logits, expected)
+    options = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    from_ids = model.generate(input_ids, **options)
+    assert torch.equal(model.generate(inputs_embeds=inputs_embeds, **options), from_ids[:, 12:])  # new tokens only
+
+
+def test_logits_to_keep_selects_rows_as_transformers_does():
+    """An int keeps the last `logits_to_keep` positions (0: all of them), a 1-D tensor the positions it lists,
+    in its order: the rows of the full logits, and Qwen2's logits for the same argument."""
+    ours = attentive_model()
+    qwen = to_qwen2(ours)
+    input_ids = torch.randint(0, ours.config.vocab_size, (2, PARITY_LEN))
+    with torch.no_grad():
+        full = ours(input_ids).logits  # [batch, seq, vocab]
+        cases = [(0, slice(None)), (3, slice(-3, None)), *((torch.tensor(rows), rows) for rows in ([0, 5, 9], [31, 2]))]
+        for keep, rows in cases:
+            kept = ours(input_ids, logits_to_keep=keep).logits
+            assert torch.equal(kept, full[:, rows])
+            torch.testing.assert_close(kept, qwen(input_ids, logits_to_keep=keep).logits, atol=PARITY_ATOL, rtol=0)
 
 
 def test_hidden_states_follow_the_transformers_convention():
@@ -51,17 +130,23 @@ def test_hidden_states_follow_the_transformers_convention():
 
 @pytest.mark.parametrize("attention_bias", [False, True])
 def test_qk_norm_matches_qwen3(attention_bias):
-    """Qwen3's attention_bias also biases o_proj, which attnlab has without one: the export sets it to zero."""
-    config = tiny_config(qk_norm=True, attention_bias=attention_bias, num_key_value_heads=2, head_dim=16)
-    ours = AttnLabForCausalLM(config).eval()
+    """Qwen3's attention_bias also biases o_proj, which attnlab has without one: the export sets it to zero.
+
+    Measured float32 error ≤ 3.6e-6 (tolerance 2e-5); scaling every score by 1.01 moves the logits by ≥ 1.7e-2.
+    """
+    ours = attentive_model(qk_norm=True, attention_bias=attention_bias, num_key_value_heads=2, head_dim=16)
     for name, parameter in ours.named_parameters():  # make the norm weights non-trivial
         if name.endswith(("q_norm.weight", "k_norm.weight", "proj.bias")):
             parameter.data.uniform_(0.5, 1.5)
     qwen3 = to_qwen3(ours)  # loads the weights strictly
     assert type(qwen3).__name__ == "Qwen3ForCausalLM" and qwen3.config.head_dim == 16
-    input_ids = torch.randint(0, config.vocab_size, (2, 13))
+    input_ids = torch.randint(0, ours.config.vocab_size, (2, PARITY_LEN))
     with torch.no_grad():
-        assert torch.allclose(ours(input_ids).logits, qwen3(input_ids).logits, atol=1e-4)
+        assert_attention_matters(ours(input_ids, output_attentions=True).attentions)
+        expected = qwen3(input_ids).logits
+        for implementation in IMPLEMENTATIONS:
+            logits = ours(input_ids, mixer_implementation=implementation).logits
+            torch.testing.assert_close(logits, expected, atol=PARITY_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("layers", ["uniform:standard", "fixedseqqk,rndembqk", "hybrid:mlp", "hybrid:nonapprox"])

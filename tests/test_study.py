@@ -26,8 +26,10 @@ from attnlab.report import (
     Measure,
     Row,
     activation_claim,
+    claim_form_relaxable,
     claim_hybrids_match,
     claim_mlp_collapses,
+    claim_sequence_dependency,
     claim_skip_collapses,
     close_ppl_limit,
     collect_rows,
@@ -324,6 +326,7 @@ def _start_cli_study(out: Path) -> tuple[subprocess.Popen, list[int]]:
     while not list(out.glob("runs/*/study/log.txt")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert process.poll() is None, process.stderr.read()
+    assert list(out.glob("runs/*/study/log.txt")), "no worker started a stage within 120 s"
     children = _children(process.pid)
     assert len(children) >= 2  # two workers (and the resource tracker)
     return process, children
@@ -341,7 +344,7 @@ def test_a_study_killed_alone_leaves_no_worker_behind(tmp_path):
     process, workers = _start_cli_study(tmp_path / "alone")
     os.kill(process.pid, signal.SIGKILL)  # the study process only, not its group
     process.wait()
-    assert _wait_until_gone(workers) == []
+    assert _wait_until_gone(workers) == [], "workers still alive 30 s after the study was killed"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -412,6 +415,42 @@ def test_mlp_claim_follows_the_numbers():
     assert claim_mlp_collapses([standard]).verdict == NOT_STUDIED
     assert claim_mlp_collapses([standard, row("uniform", "mlp", 300.0)]).verdict == CANNOT_TELL  # no recall run
     assert "95.0 ± 1.0" in claim_mlp_collapses([standard, row("uniform", "mlp", 300.0, 2.0)]).evidence
+
+
+def test_form_claim_follows_the_numbers():
+    standard = row("standard", "standard", 100.0, 95.0)
+
+    def verdict(approximate_ppl, nonapprox_ppl):
+        models = [row("uniform", "approximate", approximate_ppl), row("uniform", "nonapprox", nonapprox_ppl)]
+        return claim_form_relaxable([standard, *models]).verdict
+
+    assert verdict(126.0, 2e5) == AGREES  # the paper: ×1.26 and ×2000 of standard
+    assert verdict(126.0, 260.0) == AGREES  # nonapprox above twice approximate's ppl: far worse
+    assert verdict(126.0, 250.0) == CANNOT_TELL  # worse, but by less than 2×
+    assert verdict(126.0, 126.0) == DISAGREES
+    assert verdict(300.0, 120.0) == DISAGREES  # relaxing the form hurts more than dropping it
+    assert verdict(126.0, None) == CANNOT_TELL
+    assert claim_form_relaxable([standard, row("uniform", "approximate", 126.0)]).verdict == NOT_STUDIED
+
+
+def test_sequence_dependency_claim_follows_the_numbers():
+    standard = row("standard", "standard", 100.0, 95.0)
+
+    def claim(*variants, reference=standard):
+        return claim_sequence_dependency([reference, *variants])
+
+    rnd, fixed = row("uniform", "rndembqk", 220.0, 10.0), row("uniform", "fixedseqqk", 210.0, 8.0)
+    assert claim(rnd, fixed).verdict == AGREES
+    assert claim(rnd).verdict == AGREES  # one of the two trained is enough
+    result = claim(rnd, row("uniform", "fixedseqqk", 95.0, 8.0))  # lower ppl than standard
+    assert result.verdict == DISAGREES and "not behind standard: fixedseqqk" in result.evidence
+    assert claim(rnd, row("uniform", "fixedseqqk", 210.0, 92.0)).verdict == DISAGREES  # recall within 5 points
+    assert claim(rnd, row("uniform", "fixedseqqk", 210.0, 88.0, stderr=4.0)).verdict == DISAGREES  # within 2σ
+    assert claim(rnd, row("uniform", "fixedseqqk", 210.0)).verdict == CANNOT_TELL  # no recall run
+    untrained = row("standard", "standard", 100.0, 20.0)  # MQAR not 25 points above the no-recall level
+    assert claim(rnd, fixed, reference=untrained).verdict == CANNOT_TELL
+    assert claim(rnd, reference=row("standard", "standard", 100.0)).verdict == CANNOT_TELL
+    assert claim(row("uniform", "mlp", 300.0, 2.0)).verdict == NOT_STUDIED
 
 
 def test_columns_at_chance_name_only_columns_no_trained_model_rises_above():

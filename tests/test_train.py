@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -85,21 +86,32 @@ def run_attnlab(args: list[str], fault: str | None = None, launcher: list[str] |
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
-def losses(out: Path) -> dict[int, float]:
+def logged(out: Path, key: str) -> dict[int, float]:
+    """Step → the value of `key` metrics.jsonl records for it."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {record["step"]: record["loss"] for record in records}
+    return {record["step"]: record[key] for record in records}
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """A small real-English JSONL corpus: CPython's documentation topics (on every Python install)."""
-    from pydoc_data.topics import topics
+def losses(out: Path) -> dict[int, float]:
+    return logged(out, "loss")
 
-    path = tmp_path_factory.mktemp("corpus") / "topics.jsonl"
-    with path.open("w") as handle:
-        for name in sorted(topics)[:60]:
-            handle.write(json.dumps({"text": topics[name]}) + "\n")
-    return path
+
+def logged_steps(out: Path) -> int:
+    """How many complete lines metrics.jsonl has (0 before it exists)."""
+    metrics = out / "metrics.jsonl"
+    return metrics.read_text().count("\n") if metrics.is_file() else 0
+
+
+def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen, deadline_s: float = 600) -> None:
+    """Poll until `condition()` holds. Fails, saying `what` was awaited, if `process` ends first or after
+    `deadline_s` seconds: a guard against a hang, never what decides a passing test."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (exit status {process.returncode}) before {what}:\n{process.stderr.read()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"still waiting for {what} after {deadline_s:.0f} s")
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")
@@ -209,11 +221,7 @@ def test_a_second_writer_fails_at_once_and_the_first_keeps_its_run(corpus, unint
     held = [sys.executable, str(FAULTY_ATTNLAB), f"wait-at-step:6:{release}", *tiny_train_args(corpus, out)]
     first = subprocess.Popen(held, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        for _ in range(6000):  # until it waits before step 6 (at most 10 minutes)
-            metrics = out / "metrics.jsonl"
-            if first.poll() is not None or (metrics.is_file() and metrics.read_text().count("\n") == 5):
-                break
-            time.sleep(0.1)
+        wait_for(lambda: logged_steps(out) == 5, "the first run logged step 5 and waited before step 6", first)
         second = run_attnlab(tiny_train_args(corpus, out))
         assert second.returncode == 2
         assert second.stderr.strip().splitlines() == [
@@ -325,19 +333,26 @@ def test_divergence_guard_can_skip_a_batch(corpus, tmp_path):
     assert sorted(losses(out)) == list(range(1, 13))
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_cpu_processes_match_one_process(corpus, uninterrupted, tmp_path, parallel):
-    """torchrun, 2 ranks × 2 sequences (gloo) == 1 process × 4 sequences: the same global batches."""
+@pytest.mark.parametrize(("parallel", "batch_size"), [("ddp", 1), ("fsdp", 2)])
+def test_two_cpu_processes_match_one_process(corpus, uninterrupted, tmp_path, parallel, batch_size):
+    """torchrun (gloo), 2 ranks == 1 process × 4 sequences a step: the same global batches, so the same loss
+    and gradient norm at every step and the same final weights. DDP accumulates: 2 micro-batches of 1 sequence
+    on each rank (global batch 4 = 1 × 2 ranks × 2), synced on the last; FSDP takes 2 sequences at once.
+    Float32 sums in another order: after the 12 steps the weights were measured ≤ 6e-6 apart (DDP and FSDP)."""
     out = tmp_path / parallel
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
-    args = tiny_train_args(corpus, out, "--batch-size", "2", "--parallel", parallel)
-    result = run_attnlab(args, launcher=launcher)
+    args = tiny_train_args(corpus, out, "--batch-size", str(batch_size), "--parallel", parallel)
+    result = run_attnlab(args, launcher=launcher, env={"TMPDIR": str(tmp_path)})  # torchrun's logs: in tmp_path
     assert result.returncode == 0, result.stderr
     distributed, single = losses(out), losses(uninterrupted)
     assert sorted(distributed) == list(range(1, 13))
     for step in distributed:
         assert abs(distributed[step] - single[step]) < 1e-4, (step, distributed[step], single[step])
-    AutoModelForCausalLM.from_pretrained(out)  # rank 0 wrote a plain, loadable final model
+    grad_norms, single_grad_norms = logged(out, "grad_norm"), logged(uninterrupted, "grad_norm")
+    assert grad_norms == pytest.approx(single_grad_norms, rel=1e-5)  # the gradient's scale, step by step
+    final = dict(AutoModelForCausalLM.from_pretrained(out).named_parameters())  # rank 0 wrote a plain model
+    for name, expected in AutoModelForCausalLM.from_pretrained(uninterrupted).named_parameters():
+        assert (final[name] - expected).abs().max().item() <= 5e-5, name
     assert result.stderr.count("the trained model, its metrics and checkpoints are in") == 1  # rank 0 says it
 
 
@@ -476,16 +491,23 @@ def _umask() -> int:
 
 
 def test_ctrl_c_stops_training_with_one_line(corpus, tmp_path):
-    out = tmp_path / "interrupted"
+    """Ctrl-C mid-run (held before step 2 until a file appears that never does) ends it with one line."""
+    out, never = tmp_path / "interrupted", tmp_path / "never-released"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "attnlab", *tiny_train_args(corpus, out, "--max-steps", "100000")]
+    command = [sys.executable, str(FAULTY_ATTNLAB), f"wait-at-step:2:{never}", *tiny_train_args(corpus, out)]
     with ctrl_c_reaches_children():
         process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 120
-    while not (out / "metrics.jsonl").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    stderr = process.communicate(timeout=60)[1]
+    try:
+        wait_for(lambda: logged_steps(out) == 1, "the run logged step 1 and waited before step 2", process)
+        process.send_signal(signal.SIGINT)
+        try:
+            stderr = process.communicate(timeout=600)[1]
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run was still running 600 s after Ctrl-C")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == (
         "attnlab: interrupted; the same command with --resume continues from what was saved"

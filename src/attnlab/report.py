@@ -225,7 +225,8 @@ def markdown_table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|---|---|" + "---:|" * (len(HEADER) - 2)]
     chance_recall = "–" if chance is None else f"{chance:.1f}"
     lines.append(
-        f"| reference | random guess | – | {LASTWORD_CHANCE:.1f} | – | {CLOZE_CHANCE:.1f} | {chance_recall} | – | – | – |"
+        f"| reference | random guess | – | {LASTWORD_CHANCE:.1f} | – | {CLOZE_CHANCE:.1f} | {chance_recall} "
+        "| – | – | – |"
     )
     if floor is not None and floor != chance:
         lines.append(f"| reference | guess among the context's values | – | – | – | – | {floor:.1f} | – | – | – |")
@@ -522,8 +523,17 @@ def claim_form_relaxable(rows: list[Row]) -> Claim:
             else ""
         )
     )
-    verdict = AGREES if approx_ratio < nonapprox_ratio else DISAGREES
-    return Claim(statement, source, verdict, evidence)
+    if nonapprox_ratio <= approx_ratio:
+        return Claim(statement, source, DISAGREES, evidence + "; nonapprox is not worse than approximate")
+    if nonapprox_ratio < COLLAPSE_PPL_RATIO * approx_ratio:
+        return Claim(
+            statement,
+            source,
+            CANNOT_TELL,
+            evidence + f"; nonapprox's ppl is less than {COLLAPSE_PPL_RATIO:.0f}× approximate's: at this budget "
+            "dropping the form is not clearly worse than relaxing it",
+        )
+    return Claim(statement, source, AGREES, evidence)
 
 
 def claim_sequence_dependency(rows: list[Row]) -> Claim:
@@ -538,19 +548,32 @@ def claim_sequence_dependency(rows: list[Row]) -> Claim:
         return Claim(statement, source, NOT_STUDIED, "no standard or no uniform rndembqk/fixedseqqk model")
     if standard.recall.value is None:
         return Claim(statement, source, CANNOT_TELL, "standard has no recall accuracy")
-    parts, agree = [], True
+    parts, better, unknown = [], [], []
     for row in variants:
         ratio = _ppl_ratio(row, standard)
         parts.append(_versus(row, ratio))
-        worse_ppl = ratio is not None and ratio > 1.0
-        worse_recall = (
-            row.recall.value is not None
-            and row.recall.value < standard.recall.value
-            and not _close(row.recall, standard.recall, CLOSE_ACC_POINTS)
+        if ratio is None or row.recall.value is None:
+            unknown.append(row.mixer)
+            continue
+        worse_recall = row.recall.value < standard.recall.value and not _close(
+            row.recall, standard.recall, CLOSE_ACC_POINTS
         )
-        agree = agree and worse_ppl and worse_recall
+        if ratio <= 1.0 or not worse_recall:
+            better.append(row.mixer)
     evidence = f"standard MQAR {_cell(standard.recall)}; " + "; ".join(parts)
-    return Claim(statement, source, AGREES if agree else DISAGREES, evidence)
+    if better:
+        return Claim(statement, source, DISAGREES, evidence + f"; not behind standard: {', '.join(better)}")
+    if _untrained(standard):
+        return Claim(
+            statement,
+            source,
+            CANNOT_TELL,
+            evidence + f" — standard is not {WELL_ABOVE_POINTS:.0f} points above the no-recall level, so nothing "
+            "shows that content-based recall is needed",
+        )
+    if unknown:
+        return Claim(statement, source, CANNOT_TELL, evidence + f"; no ppl or MQAR for: {', '.join(unknown)}")
+    return Claim(statement, source, AGREES, evidence)
 
 
 CLAIMS = (

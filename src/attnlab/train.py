@@ -46,7 +46,7 @@ from .checkpoint import (
 )
 from .config import AttnLabConfig
 from .model import AttnLabForCausalLM
-from .runconfig import LOCK_FILE, RunConfig, check_resume_compatible, lock_folder, write_text_atomic
+from .runconfig import LOCK_FILE, RunConfig, TrainConfig, check_resume_compatible, lock_folder, write_text_atomic
 
 EXIT_DIVERGED = 3
 
@@ -189,12 +189,7 @@ def _train_in(run: RunConfig, out: Path, checkpoint: Path | None, devices: Devic
     if settings.compile:
         model = torch.compile(model)
 
-    optimizer = torch.optim.AdamW(
-        _parameter_groups(raw_model, settings.weight_decay),
-        lr=settings.lr,
-        betas=(settings.beta1, settings.beta2),
-        eps=settings.eps,
-    )
+    optimizer = build_optimizer(raw_model, settings)
     total_steps = settings.num_steps()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings.warmup_steps, total_steps))
     step, tokens_seen, skipped = 0, 0, 0
@@ -489,6 +484,17 @@ def _parallelize(model, sharded: bool, devices: Devices):
 
     device_ids = [devices.device.index] if devices.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def build_optimizer(model: torch.nn.Module, settings: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with the run's peak LR, betas and eps, and its weight decay on `_parameter_groups`' first group
+    (matrices and embeddings) only; the schedule scales the LR of both groups."""
+    return torch.optim.AdamW(
+        _parameter_groups(model, settings.weight_decay),
+        lr=settings.lr,
+        betas=(settings.beta1, settings.beta2),
+        eps=settings.eps,
+    )
 
 
 def _parameter_groups(model, weight_decay: float) -> list[dict[str, Any]]:
