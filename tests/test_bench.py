@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from attnlab import AttnLabForCausalLM
-from attnlab.bench import BenchSettings, layer_cache_bytes, minor_page_faults, new_cache, run_bench, take_turns
-from attnlab.cli import main
+from attnlab.bench import (
+    BenchSettings,
+    bench_config,
+    layer_cache_bytes,
+    minor_page_faults,
+    new_cache,
+    reset_resident_peak,
+    run_bench,
+    take_turns,
+)
+from attnlab.cli import build_parser, main
 from attnlab.config import MIXER_NAMES
 from attnlab.environment import installed_version
 from attnlab.mixers import MIXERS
@@ -45,7 +54,7 @@ def test_bench_writes_well_formed_results(tmp_path, monkeypatch):
         against_hf=True,
         threads=1,
         train_batch_size=2,
-        train_seq_len=16,
+        train_seq_len=(16,),
         decode_tokens=2,
         matmul_size=256,
     )
@@ -54,7 +63,7 @@ def test_bench_writes_well_formed_results(tmp_path, monkeypatch):
     assert {"environment", "settings", "config", "train", "prefill", "decode", "decode_spread", "cache"} <= set(results)
     assert results["environment"]["threads"] == 1 and results["environment"]["torch"] == installed_version("torch")
     assert results["environment"]["allocator_environment"]["MALLOC_TOP_PAD_"] == "1000000"
-    train = results["train"]
+    train = results["train"]["lengths"]["16"]
     for key in ("attnlab_tokens_per_s", "hf_qwen2_tokens_per_s", "ratio"):
         assert math.isfinite(train[key]) and train[key] > 0
     for name in ("standard", "nonapprox"):
@@ -66,7 +75,8 @@ def test_bench_writes_well_formed_results(tmp_path, monkeypatch):
             assert results["prefill"][name][context]["seconds"] > 0
             assert results["prefill"][name][context]["peak_memory_bytes"] > 0
             assert results["cache"][name][context]["match"]
-    numbers = list(_numbers({key: results[key] for key in ("train", "prefill", "decode", "decode_spread", "cache")}))
+    sections = ("train", "prefill", "decode", "decode_spread", "cache")
+    numbers = list(_numbers({key: results[key] for key in sections}))
     assert numbers and all(math.isfinite(value) and value >= 0 for value in numbers)
     markdown = (tmp_path / "bench.md").read_text()
     assert "Memory allocator environment: " in markdown and "MALLOC_TOP_PAD_=1000000" in markdown
@@ -83,7 +93,7 @@ TINY_BENCH = {
     "warmup": 0,
     "threads": 1,
     "train_batch_size": 2,
-    "train_seq_len": 16,
+    "train_seq_len": (16,),
     "decode_tokens": 1,
     "matmul_size": 64,
 }
@@ -98,13 +108,16 @@ def test_a_bench_without_decode_names_only_the_files_it_wrote(tmp_path, section)
 
 def test_the_hf_comparison_shows_the_standard_row_it_divides_by(tmp_path):
     results = run_bench(BenchSettings(**TINY_BENCH, sections=("train",), against_hf=True), tmp_path)
-    train = results["train"]
+    train = results["train"]["lengths"]["16"]
     assert list(train["mixers"]) == ["standard", "mlp"]  # standard measured for the ratio, so reported
     assert train["attnlab_tokens_per_s"] == train["mixers"]["standard"]["tokens_per_s"]
     assert results["settings"]["mixers"] == ["mlp"]  # what was asked for: prefill/decode/cache measure only it
-    rows = [line.split(" | ")[0] for line in (tmp_path / "bench.md").read_text().splitlines() if line.startswith("| ")]
-    assert rows == ["| model", "| standard", "| mlp", "| hf_qwen2 (sdpa)"]
-    assert json.loads((tmp_path / "bench.json").read_text())["train"]["mixers"].keys() == {"standard", "mlp"}
+    markdown = (tmp_path / "bench.md").read_text()
+    rows = [line.split(" | ")[2] for line in markdown.splitlines() if line.startswith("| ")]
+    assert rows == ["model", "standard", "mlp", "hf_qwen2 (sdpa)"]
+    saved = json.loads((tmp_path / "bench.json").read_text())["train"]["lengths"]["16"]
+    assert saved["mixers"].keys() == {"standard", "mlp"} and saved["batch_size"] == 2  # the explicit batch size wins
+    assert "B = 2 sequences per step (--train-batch-size)" in markdown
 
 
 def test_bench_cli_rejects_unknown_mixer(tmp_path, capsys):
@@ -173,8 +186,114 @@ def test_take_turns_counts_the_page_faults_of_each_step():
         buffer[::4096] = b"\x01" * len(range(0, len(buffer), 4096))
         return 0.0
 
-    times, faults = take_turns(
+    times, faults, warmup_seconds = take_turns(
         {"fresh": fresh_memory, "idle": lambda _batch: 0.0}, torch.zeros(1, 1), warmup=1, steps_per_turn=2, repeats=2
     )
     assert [len(turns) for turns in times.values()] == [2, 2] and len(faults["fresh"]) == len(faults["idle"]) == 4
+    assert warmup_seconds.keys() == {"fresh", "idle"} and min(warmup_seconds.values()) >= 0
     assert min(faults["fresh"]) >= 32 and min(faults["fresh"]) > 4 * max(faults["idle"])
+
+
+# --- the train section at several lengths (issue 19) --------------------------------------------------------
+
+
+def test_train_seq_len_takes_a_list_and_a_single_length_is_a_list_of_one():
+    parse = build_parser().parse_args
+    assert parse(["bench", "--out", "b", "--train-seq-len", "512,2048,8192"]).train_seq_len == (512, 2048, 8192)
+    assert parse(["bench", "--out", "b", "--train-seq-len", "512"]).train_seq_len == (512,)
+
+
+def test_a_bad_train_seq_len_ends_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--out", str(tmp_path), "--train-seq-len", "512,2k"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("attnlab bench: error:") and "'512,2k'" in error and "\n" not in error
+    assert main(["bench", "--out", str(tmp_path), "--train-seq-len", "512,0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--train-seq-len must be positive integers" in error and "\n" not in error
+
+
+def test_the_batch_size_follows_the_tokens_per_step_unless_given():
+    settings = BenchSettings()
+    assert settings.train_tokens_per_step == 16384 and settings.train_batch_size is None
+    assert [settings.train_batch(length) for length in (512, 2048, 8192, 3000, 32768)] == [32, 8, 2, 5, 1]
+    assert BenchSettings(train_tokens_per_step=1000).train_batch(64) == 15
+    assert BenchSettings(train_batch_size=3).train_batch(8192) == 3  # given, it wins
+
+
+def test_max_position_embeddings_covers_the_longest_length(tmp_path, capsys):
+    settings = BenchSettings(sections=("train",), train_seq_len=(512, 4096))  # cpu-tiny's own is 256
+    config, extended = bench_config(settings, "uniform:rndembqk")
+    assert extended and config.max_position_embeddings == config.shadow_seq_len == 4096
+    given = BenchSettings(sections=("train",), train_seq_len=(512,), model_overrides={"max_position_embeddings": 1024})
+    assert bench_config(given, "uniform:standard")[0].max_position_embeddings == 1024
+    command = ["bench", "--out", str(tmp_path), "--sections", "train", "--train-seq-len", "512,8192"]
+    assert main([*command, "--max-position-embeddings", "2048"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--max-position-embeddings 2048 is below the longest sequence measured (8192" in error
+    assert "at least 8192" in error and "\n" not in error and not list(tmp_path.iterdir())
+
+
+def _cells(markdown: str, length: int, model: str) -> list[str]:
+    """The cells of the training table's row for (L, model)."""
+    for line in markdown.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] == str(length) and cells[2] == model:
+            return cells
+    raise AssertionError(f"no row for L={length}, {model}")
+
+
+def test_the_train_section_at_two_lengths(tmp_path):
+    """B·L fixed at 1024: B = 64 at L = 16, 16 at L = 64. Every ratio is the table's tokens/s ratio; the analytic
+    ones are the training FLOPs from `Mixer.cost`, SwiGLU and the LM head; the figure is linked and a PNG."""
+    settings = BenchSettings(
+        model_overrides=TINY_MODEL,
+        mixers=("mlp", "nonapprox"),
+        sections=("train",),
+        train_seq_len=(16, 64),
+        train_tokens_per_step=1024,
+        repeats=1,
+        warmup=1,
+        train_steps=1,
+        threads=1,
+        matmul_size=64,
+    )
+    results = run_bench(settings, tmp_path)
+    assert results["files"] == ["bench.json", "bench.md", "train_throughput.png", "train_throughput.svg"]
+    lengths = json.loads((tmp_path / "bench.json").read_text())["train"]["lengths"]
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "B = 1024 // L sequences per step (--train-tokens-per-step), at least 1" in markdown
+    peak_memory_measured = reset_resident_peak() is not None  # Linux: the peak resident memory can be reset
+    for length, batch in ((16, 64), (64, 16)):
+        row = lengths[str(length)]
+        assert (row["seq_len"], row["batch_size"], row["tokens_per_step"]) == (length, batch, 1024)
+        assert list(row["mixers"]) == ["standard", "mlp", "nonapprox"]  # standard added: the ratios' base
+        standard = row["mixers"]["standard"]
+        for name, values in row["mixers"].items():
+            ratio = values["tokens_per_s"] / standard["tokens_per_s"]
+            assert values["ratio_to_standard"] == pytest.approx(ratio, rel=1e-12)
+            cells = _cells(markdown, length, name)
+            assert cells[1] == str(batch) and cells[3] == f"{values['tokens_per_s']:.0f}"
+            assert cells[5] == f"{ratio:.2f}×"
+            config = bench_config(settings, f"uniform:{name}")[0]
+            layers, tokens, width = config.num_hidden_layers, batch * length, config.hidden_size
+            mixer = {
+                mixer_name: MIXERS[mixer_name].cost(config, batch, length, cached=False).prefill_flops
+                for mixer_name in ("standard", name)
+            }
+            mixer_ratio = mixer["standard"] / mixer[name]
+            rest = layers * 6 * tokens * width * config.intermediate_size + 2 * tokens * width * config.vocab_size
+            model_ratio = (layers * mixer["standard"] + rest) / (layers * mixer[name] + rest)
+            assert values["mixer_flops_ratio_to_standard"] == pytest.approx(mixer_ratio, rel=1e-12)
+            assert values["analytic_ratio_to_standard"] == pytest.approx(model_ratio, rel=1e-12)
+            assert cells[6] == f"{model_ratio:.2f}×" and cells[7] == f"{mixer_ratio:.2f}×"
+            assert values["page_faults_per_step"] is not None and values["page_faults_per_step"] >= 0
+            assert values["warmup_seconds"] > 0
+            if peak_memory_measured:
+                assert values["peak_memory_bytes"] > 0 and cells[9] != "–"
+            else:
+                assert values["peak_memory_bytes"] is None
+    assert lengths["16"]["mixers"]["nonapprox"]["mixer_flops_ratio_to_standard"] != 1.0
+    assert "![training tokens/s against L](train_throughput.png)" in markdown
+    assert (tmp_path / "train_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,14 +2,20 @@
 
     results = run_bench(BenchSettings(preset="cpu-tiny", against_hf=True), "bench")
 
-writes `bench/bench.json`, `bench/bench.md` and, with the decode section, `bench/decode.png`; `results["files"]`
-names the files written. Four sections, each optional:
+writes `bench/bench.json`, `bench/bench.md`, with the decode section `bench/decode.png` and, with the train
+section at two or more lengths, `bench/train_throughput.png` (and `.svg`); `results["files"]` names the files
+written. Four sections, each optional:
 
   train    tokens/s of a full optimizer step as the trainer takes it (fused loss, backward, clip, AdamW),
            one `uniform:<mixer>` model per mixer, and with `against_hf` transformers' `Qwen2ForCausalLM`
-           (sdpa) holding the standard model's weights (the standard model is then measured and reported
-           even when it is not among the mixers); all models take turns in the same process, and
-           model FLOPs utilisation is taken against a square fp32 matmul timed in the same run.
+           (sdpa) holding the standard model's weights, at every length L of `train_seq_len` with a fixed
+           number of tokens per step: B = train_tokens_per_step // L sequences (at least 1) unless
+           `train_batch_size` is set. The standard model is always measured (the base of every ratio).
+           At each L all models take turns in the same process; model FLOPs utilisation is taken against a
+           square fp32 matmul timed in the same run. Beside each model's tokens/s ratio to standard stands
+           the analytic one (standard's training FLOPs over the model's), the peak memory of one step (see
+           TRAIN_MEMORY_METHOD), the minor page faults per timed step and the seconds of the untimed warm-up
+           steps (the first call's allocations, and any compilation, stay out of the timed steps).
   prefill  seconds (and peak memory) of the cached forward over a context of L tokens — what `generate`
            runs first. rndembqk/fixedseqqk get their shadow Q/K tables before the clock starts (they are
            input-independent, computed once per model); their cost is reported separately.
@@ -26,14 +32,16 @@ The CPU training ratio to transformers depends on the allocator. attnlab's fused
 allocate few large temporaries; transformers' step allocates many (the [B·L, vocab] logits and their
 gradients), and with glibc's defaults every large allocation is fresh memory from the kernel, page-faulted
 in on first touch. Measured with `attnlab bench --preset cpu-tiny --mixers standard --against-hf --threads 2
---sections train --repeats 10` on 2 cores, two runs each: with glibc's defaults attnlab was ×1.25 and
-×1.27 faster than Qwen2 (262 ms against 327 ms per step in the first run). With MALLOC_MMAP_THRESHOLD_=1e9
-MALLOC_TRIM_THRESHOLD_=1e11 MALLOC_TOP_PAD_=1e9 it was ×1.06 and ×1.09 (230 ms against 251 ms). What is
-left is the same matmuls at nearly the same speed.
+--sections train --repeats 10 --train-seq-len 128 --train-batch-size 16` on 2 cores, two runs each: with
+glibc's defaults attnlab was ×1.25 and ×1.27 faster than Qwen2 (262 ms against 327 ms per step in the first
+run). With MALLOC_MMAP_THRESHOLD_=1e9 MALLOC_TRIM_THRESHOLD_=1e11 MALLOC_TOP_PAD_=1e9 it was ×1.06 and ×1.09
+(230 ms against 251 ms). What is left is the same matmuls at nearly the same speed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -57,6 +65,7 @@ from .presets import model_options
 from .runconfig import write_text_atomic
 
 SECTIONS = ("train", "prefill", "decode", "cache")
+TRAIN_FIGURE = "train_throughput"  # OUT/train_throughput.png and .svg: tokens/s against L
 DTYPE = torch.float32  # the bench runs in fp32: the formulas get dtype_bytes = 4
 CPU_MEMORY_METHOD = (
     "peak bytes of the tensors allocated during the prefill and alive at the same time, tracked per op "
@@ -64,6 +73,16 @@ CPU_MEMORY_METHOD = (
     "are not visible)"
 )
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated during the prefill, minus what was allocated before it"
+TRAIN_MEMORY_METHOD = {
+    "cpu": "peak resident memory (VmHWM) during one untimed step above the resident memory (VmRSS) just before "
+    "it, after returning the allocator's free memory to the kernel (glibc malloc_trim) and resetting the peak "
+    "(Linux /proc/self/clear_refs, 5)",
+    "cuda": "torch.cuda.max_memory_allocated during one untimed step, minus what was allocated before it",
+}
+TRAIN_FLOPS_NOTE = (
+    "training FLOPs = 3 × the forward's (forward + backward), the forward's mixers from `Mixer.cost(cached=False)`; "
+    "the factor 3 cancels in the ratios"
+)
 
 
 @dataclass
@@ -79,8 +98,9 @@ class BenchSettings:
     threads: int | None = None  # torch intra-op threads (None: leave torch's setting)
     repeats: int = 3  # timed runs (train: turns per model) per measurement
     warmup: int = 1  # untimed runs (train: steps) before the timed ones
-    train_batch_size: int = 16
-    train_seq_len: int = 128
+    train_seq_len: tuple[int, ...] = (128, 1024)  # training lengths L
+    train_tokens_per_step: int = 16384  # B·L at every length: B = this // L, at least 1
+    train_batch_size: int | None = None  # sequences per training step; set, it wins over train_tokens_per_step
     train_steps: int = 2  # timed optimizer steps per turn
     decode_batch_size: int = 8  # sequences per prefill/decode: enough that attention over the context shows
     decode_tokens: int = 16  # cached single-token steps timed per run
@@ -98,25 +118,46 @@ class BenchSettings:
             raise ValueError(f"unknown or missing sections {bad_sections}; valid sections: {', '.join(SECTIONS)}")
         if not self.contexts or min(self.contexts) < 1:
             raise ValueError(f"--contexts must be positive integers, got {list(self.contexts)}")
-        for name in (
-            "repeats",
-            "train_batch_size",
-            "train_seq_len",
-            "train_steps",
-            "decode_batch_size",
-            "decode_tokens",
-        ):
+        if not self.train_seq_len or min(self.train_seq_len) < 1:
+            raise ValueError(
+                f"--train-seq-len must be positive integers, e.g. 512,2048,8192; got {list(self.train_seq_len)}"
+            )
+        for name in ("repeats", "train_tokens_per_step", "train_steps", "decode_batch_size", "decode_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.train_batch_size is not None and self.train_batch_size < 1:
+            raise ValueError(f"--train-batch-size must be at least 1 (or left out), got {self.train_batch_size}")
         if self.warmup < 0 or (self.threads is not None and self.threads < 1):
             raise ValueError("--warmup must be ≥ 0 and --threads ≥ 1")
+        given = self.model_overrides.get("max_position_embeddings")
+        longest, source = self.longest_sequence()
+        if given is not None and given < longest:
+            raise ValueError(
+                f"--max-position-embeddings {given} is below the longest sequence measured ({longest}, {source}); "
+                f"raise it to at least {longest}, or leave it out and the bench sets it"
+            )
+
+    def longest_sequence(self) -> tuple[int, str]:
+        """The longest sequence the requested sections run, and which settings make it."""
+        candidates = []
+        if "train" in self.sections:
+            candidates.append((max(self.train_seq_len), "from --train-seq-len"))
+        if {"prefill", "decode", "cache"} & set(self.sections):
+            candidates.append((max(self.contexts) + self.decode_tokens, "the longest --contexts plus --decode-tokens"))
+        return max(candidates)
+
+    def train_batch(self, seq_len: int) -> int:
+        """Sequences per training step at length `seq_len`: `train_batch_size` when set, otherwise
+        `train_tokens_per_step // seq_len`, at least 1."""
+        return self.train_batch_size or max(1, self.train_tokens_per_step // seq_len)
 
 
 def bench_config(settings: BenchSettings, layers: str) -> tuple[AttnLabConfig, bool]:
     """The model config of one variant, and whether max_position_embeddings (and with it shadow_seq_len,
-    the L_max of rndembqk/fixedseqqk) had to be raised above the preset's to cover the longest run."""
+    the L_max of rndembqk/fixedseqqk) had to be raised above the preset's to cover the longest run (a value
+    given in `model_overrides` is never raised: `BenchSettings.check` refuses one that is too small)."""
     options = {**model_options(settings.preset), **settings.model_overrides, "layers": layers}
-    longest = max(settings.train_seq_len, max(settings.contexts) + settings.decode_tokens)
+    longest, _ = settings.longest_sequence()
     extended = options.get("max_position_embeddings", 2048) < longest
     if extended:
         options.update(max_position_embeddings=longest, shadow_seq_len=longest)
@@ -197,18 +238,22 @@ def take_turns(
     warmup: int,
     steps_per_turn: int,
     repeats: int,
-) -> tuple[dict[str, list[list[float]]], dict[str, list[int]]]:
-    """Per model, the step times (seconds) of each of its `repeats` turns, and the minor page faults of
-    each timed step (empty where the platform does not count them).
+) -> tuple[dict[str, list[list[float]]], dict[str, list[int]], dict[str, float]]:
+    """Per model, the step times (seconds) of each of its `repeats` turns, the minor page faults of each
+    timed step (empty where the platform does not count them) and the seconds of its warm-up steps.
 
-    Every model first takes `warmup` untimed steps; then the models take turns, `steps_per_turn` timed
-    steps each, the order rotating every round so that no model always follows the same one. On a shared
-    machine load spikes hit single steps, so throughput comes from the median step.
+    Every model first takes `warmup` untimed steps (they absorb the first call's allocations and any
+    compilation); then the models take turns, `steps_per_turn` timed steps each, the order rotating every
+    round so that no model always follows the same one. On a shared machine load spikes hit single steps,
+    so throughput comes from the median step.
     """
     names = list(steps)
+    warmup_seconds = {}
     for name in names:
+        start = time.perf_counter()
         for index in range(warmup):
             steps[name](batches[index % len(batches)])
+        warmup_seconds[name] = time.perf_counter() - start
     times: dict[str, list[list[float]]] = {name: [] for name in names}
     faults: dict[str, list[int]] = {name: [] for name in names}
     for repeat in range(repeats):
@@ -222,30 +267,92 @@ def take_turns(
                 if faults_before is not None:
                     faults[name].append(minor_page_faults() - faults_before)
             times[name].append(turn)
-    return times, faults
+    return times, faults, warmup_seconds
+
+
+def _resident_bytes(field: str) -> int:
+    """`VmRSS` (resident now) or `VmHWM` (peak resident) of this process, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value.split()[0]) * 1024  # kB
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def reset_resident_peak() -> int | None:
+    """Return the C allocator's free memory to the kernel (glibc `malloc_trim`, where there is one), then
+    reset the process's peak resident memory to the current one (Linux ≥ 4.0: "5" into
+    /proc/self/clear_refs). The resident bytes after the reset, or None where the peak cannot be reset."""
+    clear_refs = Path("/proc/self/clear_refs")
+    if not clear_refs.exists():
+        return None
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
+    try:
+        clear_refs.write_text("5")
+    except OSError:  # not writable here (a restricted container)
+        return None
+    return _resident_bytes("VmRSS")
+
+
+def step_peak_memory(step: Callable[[torch.Tensor], float], batch: torch.Tensor, device: torch.device) -> int | None:
+    """Peak bytes one untimed `step(batch)` adds to what is held before it (TRAIN_MEMORY_METHOD), or None
+    where the platform cannot tell."""
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step(batch)
+        return torch.cuda.max_memory_allocated(device) - before
+    before = reset_resident_peak()
+    if before is None:
+        return None
+    step(batch)
+    return _resident_bytes("VmHWM") - before
+
+
+def mixer_forward_flops(config: AttnLabConfig, batch: int, seq_len: int) -> int:
+    """FLOPs of every layer's mixer in one training forward (`Mixer.cost`, cached=False)."""
+    return sum(MIXERS[name].cost(config, batch, seq_len, 4, cached=False).prefill_flops for name in config.mixer_types)
 
 
 def model_forward_flops(config: AttnLabConfig, batch: int, seq_len: int) -> int:
-    """Matmul FLOPs of one training forward: every layer's mixer (`Mixer.cost`, cached=False), its SwiGLU
+    """Matmul FLOPs of one training forward: every layer's mixer (`mixer_forward_flops`), its SwiGLU
     (6·d·intermediate per token) and the LM head (2·d·vocab per token). Embedding lookups, norms and the
     rndembqk/fixedseqqk shadow stream (a batch-1 pass) are not counted."""
     tokens = batch * seq_len
-    mixers = sum(
-        MIXERS[name].cost(config, batch, seq_len, 4, cached=False).prefill_flops for name in config.mixer_types
-    )
     feed_forward = config.num_hidden_layers * 6 * tokens * config.hidden_size * config.intermediate_size
-    return mixers + feed_forward + 2 * tokens * config.hidden_size * config.vocab_size
+    head = 2 * tokens * config.hidden_size * config.vocab_size
+    return mixer_forward_flops(config, batch, seq_len) + feed_forward + head
 
 
 def bench_train(settings: BenchSettings, device: torch.device, peak_flops: float) -> dict:
+    """The train section: `lengths[str(L)]` holds each length's measurements (`bench_train_length`)."""
+    names = list(settings.mixers) if "standard" in settings.mixers else ["standard", *settings.mixers]
+    return {
+        "tokens_per_step": None if settings.train_batch_size else settings.train_tokens_per_step,
+        "batch_size": settings.train_batch_size,
+        "steps_per_turn": settings.train_steps,
+        "repeats": settings.repeats,
+        "warmup_steps": settings.warmup,
+        "memory_method": TRAIN_MEMORY_METHOD["cuda" if device.type == "cuda" else "cpu"],
+        "flops_note": TRAIN_FLOPS_NOTE,
+        "lengths": {
+            str(seq_len): bench_train_length(settings, names, seq_len, device, peak_flops)
+            for seq_len in settings.train_seq_len
+        },
+    }
+
+
+def training_steps(
+    settings: BenchSettings, names: Sequence[str], device: torch.device
+) -> tuple[dict[str, Callable[[torch.Tensor], float]], dict[str, AttnLabConfig]]:
+    """A fresh `uniform:<name>` model's training step per name (and with `against_hf` "hf_qwen2": transformers'
+    Qwen2 with the standard model's weights), and the config of each."""
     from .export import to_qwen2
 
-    batch, seq_len = settings.train_batch_size, settings.train_seq_len
-    tokens = batch * seq_len
     steps, configs = {}, {}
-    names = list(settings.mixers)
-    if settings.against_hf and "standard" not in names:
-        names.insert(0, "standard")
     for name in names:
         configs[name], _ = bench_config(settings, f"uniform:{name}")
         model = build_model(configs[name], device, settings.seed)
@@ -254,10 +361,24 @@ def bench_train(settings: BenchSettings, device: torch.device, peak_flops: float
             qwen = to_qwen2(model, use_cache=False, attn_implementation="sdpa").to(device=device, dtype=DTYPE)
             steps["hf_qwen2"] = training_step(qwen, fused_loss=False)
             configs["hf_qwen2"] = configs["standard"]
+    return steps, configs
+
+
+def bench_train_length(
+    settings: BenchSettings, names: Sequence[str], seq_len: int, device: torch.device, peak_flops: float
+) -> dict:
+    """Fresh models of `names` (and with `against_hf` transformers' Qwen2) take turns at length `seq_len`;
+    then each takes one more, untimed step for its peak memory. Per model: tokens/s and their ratio to
+    standard's, the analytic ratio, MFU, peak memory, page faults and warm-up seconds."""
+    batch = settings.train_batch(seq_len)
+    tokens = batch * seq_len
+    steps, configs = training_steps(settings, names, device)
     generator = torch.Generator().manual_seed(settings.seed)
-    vocab_size = configs[names[0]].vocab_size
-    batches = torch.randint(0, vocab_size, (4, batch, seq_len), generator=generator).to(device)
-    times, faults = take_turns(steps, batches, settings.warmup, settings.train_steps, settings.repeats)
+    batches = torch.randint(0, configs["standard"].vocab_size, (4, batch, seq_len), generator=generator).to(device)
+    times, faults, warmup_seconds = take_turns(steps, batches, settings.warmup, settings.train_steps, settings.repeats)
+    peak_memory = {name: step_peak_memory(step, batches[0], device) for name, step in steps.items()}
+    del steps  # the models and their optimizer states go before the next length's are built
+    gc.collect()
 
     def summary(name: str) -> dict:
         all_steps = [seconds for turn in times[name] for seconds in turn]
@@ -269,22 +390,28 @@ def bench_train(settings: BenchSettings, device: torch.device, peak_flops: float
             "tokens_per_s_max": tokens / min(all_steps),
             "median_step_s": median_step,
             "model_flops_per_step": flops_per_step,
+            "mixer_flops_per_step": 3 * mixer_forward_flops(configs[name], batch, seq_len),
             "mfu": flops_per_step / median_step / peak_flops,
+            "peak_memory_bytes": peak_memory[name],
             "page_faults_per_step": statistics.median(faults[name]) if faults[name] else None,
+            "warmup_seconds": warmup_seconds[name] if settings.warmup else None,
         }
 
+    summaries = {name: summary(name) for name in times}
+    base = summaries["standard"]
+    for row in summaries.values():
+        row["ratio_to_standard"] = row["tokens_per_s"] / base["tokens_per_s"]
+        row["analytic_ratio_to_standard"] = base["model_flops_per_step"] / row["model_flops_per_step"]
+        row["mixer_flops_ratio_to_standard"] = base["mixer_flops_per_step"] / row["mixer_flops_per_step"]
     result: dict = {
-        "batch_size": batch,
         "seq_len": seq_len,
+        "batch_size": batch,
         "tokens_per_step": tokens,
-        "steps_per_turn": settings.train_steps,
-        "repeats": settings.repeats,
-        "warmup_steps": settings.warmup,
-        "mixers": {name: summary(name) for name in names},  # with against_hf, standard too: the ratio's base
+        "mixers": {name: summaries[name] for name in names},
     }
     if settings.against_hf:
-        result["hf_qwen2"] = summary("hf_qwen2")
-        result["attnlab_tokens_per_s"] = summary("standard")["tokens_per_s"]
+        result["hf_qwen2"] = summaries["hf_qwen2"]
+        result["attnlab_tokens_per_s"] = base["tokens_per_s"]
         result["hf_qwen2_tokens_per_s"] = result["hf_qwen2"]["tokens_per_s"]
         result["ratio"] = result["attnlab_tokens_per_s"] / result["hf_qwen2_tokens_per_s"]
         ratios = [
@@ -441,9 +568,11 @@ def bench_inference(settings: BenchSettings, device: torch.device) -> dict:
 
 
 def run_bench(settings: BenchSettings, out_dir: str | Path) -> dict:
-    """Measure the requested sections; write OUT/bench.json, OUT/bench.md and, when the decode section was
-    measured, OUT/decode.png. Returns the results (as in bench.json) plus "files": the names of the files
-    written in OUT."""
+    """Measure the requested sections; write OUT/bench.json, OUT/bench.md, when the decode section was
+    measured OUT/decode.png and, when the train section was measured at two or more lengths,
+    OUT/train_throughput.png and .svg (linked from bench.md). Returns the results (as in bench.json) plus
+    "files": the names of the files written in OUT."""
+    from .plots import train_throughput
     from .train import pick_device
 
     settings.check()
@@ -473,7 +602,12 @@ def run_bench(settings: BenchSettings, out_dir: str | Path) -> dict:
                     if name.startswith("MALLOC_") or name == "LD_PRELOAD"
                 },
             },
-            "settings": {**asdict(settings), "mixers": list(settings.mixers), "contexts": list(settings.contexts)},
+            "settings": {
+                **asdict(settings),
+                "mixers": list(settings.mixers),
+                "contexts": list(settings.contexts),
+                "train_seq_len": list(settings.train_seq_len),
+            },
             "config": config.to_dict(),
             "extended_max_position_embeddings": config.max_position_embeddings if extended else None,
             "prefill_memory_method": CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD,
@@ -490,15 +624,30 @@ def run_bench(settings: BenchSettings, out_dir: str | Path) -> dict:
     finally:
         torch.set_num_threads(previous_threads)
     results["seconds"] = time.perf_counter() - began
+    title = f"{settings.preset}, {results['environment']['device']}"
     write_text_atomic(out_dir / "bench.json", json.dumps(results, indent=2, default=str) + "\n")
-    write_text_atomic(out_dir / "bench.md", bench_markdown(results))
     files = ["bench.json", "bench.md"]
     if "decode" in results:
-        decode_figure(
-            results["decode"], out_dir / "decode.png", title=f"{settings.preset}, {results['environment']['device']}"
-        )
+        decode_figure(results["decode"], out_dir / "decode.png", title=title)
         files.append("decode.png")
+    if len(results.get("train", {}).get("lengths", {})) >= 2:
+        train = results["train"]
+        fixed = train["tokens_per_step"]
+        per_step = f"B = {train['batch_size']}" if fixed is None else f"B·L = {fixed}"
+        written = train_throughput(train_tokens_per_s(train), out_dir, TRAIN_FIGURE, title=f"{title}, {per_step}")
+        files += [path.name for path in written]
+    write_text_atomic(out_dir / "bench.md", bench_markdown(results))  # last: the figures it links exist
     return {**results, "files": files}
+
+
+def train_tokens_per_s(train: dict) -> dict[str, dict[int, float]]:
+    """`{model: {L: tokens/s}}` of the train section, the Qwen2 comparison as "hf_qwen2 (sdpa)"."""
+    series: dict[str, dict[int, float]] = {}
+    for length, row in train["lengths"].items():
+        models = {**row["mixers"], **({"hf_qwen2 (sdpa)": row["hf_qwen2"]} if "hf_qwen2" in row else {})}
+        for name, values in models.items():
+            series.setdefault(name, {})[int(length)] = values["tokens_per_s"]
+    return series
 
 
 def _bytes(value: float) -> str:
@@ -535,36 +684,11 @@ def bench_markdown(results: dict) -> str:
     if results.get("extended_max_position_embeddings"):
         parts.append(
             f"The preset's max_position_embeddings was raised to {results['extended_max_position_embeddings']} "
-            "(and shadow_seq_len, the rndembqk/fixedseqqk L_max, with it) to cover the longest context plus the "
-            "decoded tokens.\n"
+            "(and shadow_seq_len, the rndembqk/fixedseqqk L_max, with it) to cover the longest training length or "
+            "context plus the decoded tokens.\n"
         )
     if "train" in results:
-        train = results["train"]
-        rows = [
-            [
-                name,
-                f"{row['tokens_per_s']:.0f}",
-                f"{row['tokens_per_s_min']:.0f}–{row['tokens_per_s_max']:.0f}",
-                f"{100 * row['mfu']:.1f}%",
-                "–" if row.get("page_faults_per_step") is None else f"{row['page_faults_per_step']:.0f}",
-            ]
-            for name, row in [
-                *train["mixers"].items(),
-                *([("hf_qwen2 (sdpa)", train["hf_qwen2"])] if "hf_qwen2" in train else []),
-            ]
-        ]
-        parts.append(
-            f"## Training (B={train['batch_size']}, L={train['seq_len']}, full AdamW step)\n\n"
-            + _table(["model", "tokens/s", "range", "MFU", "page faults / step"], rows)
-            + "\nPage faults: minor faults of the process per timed step (median), each a first touch of memory "
-            "fresh from the kernel.\n"
-        )
-        if "ratio" in train:
-            ratio = train["ratio_over_repeats"]
-            parts.append(
-                f"attnlab standard / transformers Qwen2: **{train['ratio']:.2f}×** (per-turn ratio median "
-                f"{ratio['median']:.2f}, {ratio['min']:.2f}–{ratio['max']:.2f}).\n"
-            )
+        parts.append(train_markdown(results["train"]))
     contexts = [str(context) for context in settings["contexts"]]
     if "prefill" in results:
         prefill = results["prefill"]
@@ -637,6 +761,63 @@ def bench_markdown(results: dict) -> str:
                 ],
             )
         )
+    return "\n".join(parts)
+
+
+def _optional(value: float | None, text: str) -> str:
+    return "–" if value is None else text.format(value)
+
+
+def train_markdown(train: dict) -> str:
+    """The train section of bench.md: one row per length and model, the notes, the figure's link."""
+    rows = []
+    for length, row in train["lengths"].items():
+        models = {**row["mixers"], **({"hf_qwen2 (sdpa)": row["hf_qwen2"]} if "hf_qwen2" in row else {})}
+        for name, values in models.items():
+            rows.append(
+                [
+                    length,
+                    str(row["batch_size"]),
+                    name,
+                    f"{values['tokens_per_s']:.0f}",
+                    f"{values['tokens_per_s_min']:.0f}–{values['tokens_per_s_max']:.0f}",
+                    f"{values['ratio_to_standard']:.2f}×",
+                    f"{values['analytic_ratio_to_standard']:.2f}×",
+                    f"{values['mixer_flops_ratio_to_standard']:.2f}×",
+                    f"{100 * values['mfu']:.1f}%",
+                    "–" if values["peak_memory_bytes"] is None else _bytes(values["peak_memory_bytes"]),
+                    _optional(values["page_faults_per_step"], "{:.0f}"),
+                    _optional(values["warmup_seconds"], "{:.2f}"),
+                ]
+            )
+    if train["tokens_per_step"] is None:
+        batch_rule = f"B = {train['batch_size']} sequences per step (--train-batch-size)"
+    else:
+        batch_rule = f"B = {train['tokens_per_step']} // L sequences per step (--train-tokens-per-step), at least 1"
+    header = ["L", "B", "model", "tokens/s", "range", "× standard", "analytic ×", "mixers' FLOPs ×", "MFU"]
+    header += ["peak step memory", "page faults / step", "warm-up s"]
+    parts = [
+        f"## Training (full AdamW step; {batch_rule})\n\n"
+        + _table(header, rows)
+        + "\n× standard: the model's tokens/s over the standard model's at the same L, in this run. Analytic ×: "
+        "the standard model's training FLOPs per step over the model's (mixers, SwiGLU and LM head: what the "
+        "tokens/s ratio would be if time followed FLOPs); mixers' FLOPs ×: the same for the mixers alone ("
+        + train["flops_note"]
+        + "). Peak step memory: "
+        + train["memory_method"]
+        + ". Page faults: minor faults of the process per timed step (median), each a first touch of memory "
+        f"fresh from the kernel. Warm-up s: the {train['warmup_steps']} untimed step(s) before the timed ones "
+        "(first-call allocations and any compilation), kept out of tokens/s.\n"
+    ]
+    if len(train["lengths"]) >= 2:
+        parts.append(f"![training tokens/s against L]({TRAIN_FIGURE}.png)\n")
+    for length, row in train["lengths"].items():
+        if "ratio" in row:
+            ratio = row["ratio_over_repeats"]
+            parts.append(
+                f"L={length}: attnlab standard / transformers Qwen2: **{row['ratio']:.2f}×** (per-turn ratio "
+                f"median {ratio['median']:.2f}, {ratio['min']:.2f}–{ratio['max']:.2f}).\n"
+            )
     return "\n".join(parts)
 
 

@@ -395,8 +395,12 @@ BENCH_OPTIONS = {
     "threads": (int, "torch intra-op threads (default: torch's)"),
     "repeats": (int, "timed runs per measurement (train: turns per model; default 3)"),
     "warmup": (int, "untimed runs (train: steps) first (default 1)"),
-    "train_batch_size": (int, "training sequences per step (default 16)"),
-    "train_seq_len": (int, "training tokens per sequence (default 128)"),
+    "train_seq_len": (
+        lambda text: tuple(_int_list(text)),
+        "comma-separated training lengths L, e.g. 512,2048,8192 (default 128,1024)",
+    ),
+    "train_tokens_per_step": (int, "training tokens per step B·L: B = this // L, at least 1 (default 16384)"),
+    "train_batch_size": (int, "training sequences per step at every L; set, it wins over --train-tokens-per-step"),
     "train_steps": (int, "timed training steps per turn (default 2)"),
     "decode_batch_size": (int, "sequences in the prefill/decode runs (default 8)"),
     "decode_tokens": (int, "cached single-token steps timed per run (default 16)"),
@@ -578,9 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="measured training, prefill, decode and cache costs of the mixers beside their formulas (spec §8)",
         description="Training tokens/s (with --against-hf: beside transformers' Qwen2ForCausalLM, same weights, "
-        "same process) and MFU; prefill time and memory, decode time per token and cache bytes per context "
-        "length, with the analytic costs. Writes OUT/bench.json, OUT/bench.md and, with the decode section, "
-        "OUT/decode.png.",
+        "same process), its ratio to standard beside the analytic one, MFU, peak step memory and page faults per "
+        "training length; prefill time and memory, decode time per token and cache bytes per context length, with "
+        "the analytic costs. Writes OUT/bench.json, OUT/bench.md, with the decode section OUT/decode.png and, "
+        "with two or more --train-seq-len, OUT/train_throughput.png (.svg).",
     )
     bench.add_argument("--preset", default="cpu-tiny", choices=presets.preset_names())
     bench.add_argument("--out", required=True, help="output folder")

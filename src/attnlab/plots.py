@@ -503,6 +503,37 @@ def share_sweep_figure(points: Sequence[dict], depth: int, mixer: str, close_rat
     return fig
 
 
+def train_throughput(
+    tokens_per_s: dict[str, dict[int, float]], out_dir: str | Path, name: str = "train_throughput", title: str = ""
+) -> list[Path]:
+    """Write `train_throughput_figure(tokens_per_s, title)` as `<name>.png` and `<name>.svg`."""
+    return _save(train_throughput_figure(tokens_per_s, title), out_dir, name)
+
+
+def train_throughput_figure(tokens_per_s: dict[str, dict[int, float]], title: str = "") -> Figure:
+    """Training tokens/s against the sequence length L (log₂ x axis, linear y from 0), one line per model:
+    `tokens_per_s[model][L]`, as `attnlab bench` measures it at a fixed number of tokens per step."""
+    if not tokens_per_s:
+        raise ValueError("give at least one model's tokens/s to plot the training throughput")
+    fig = Figure(figsize=(MIN_FIGURE_WIDTH, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    lengths = sorted({length for row in tokens_per_s.values() for length in row})
+    for (model, row), colour in zip(tokens_per_s.items(), _model_colours(len(tokens_per_s))):
+        points = sorted(row.items())
+        ax.plot(*zip(*points), "o-", color=colour, label=model)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(length) for length in lengths])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_formatter(EngFormatter())
+    ax.set_xlabel("sequence length L (tokens)")
+    ax.set_ylabel("training tokens/s")
+    ax.set_title(f"Training throughput{': ' + title if title else ''}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.legend(fontsize=8, loc="outside right upper")  # beside the axes: the lines may cross anywhere
+    return fig
+
+
 __all__ = [
     "activation_boxplots",
     "activation_figure",
@@ -515,4 +546,6 @@ __all__ = [
     "read_metrics",
     "share_sweep",
     "share_sweep_figure",
+    "train_throughput",
+    "train_throughput_figure",
 ]
