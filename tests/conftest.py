@@ -57,14 +57,20 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True, scope="session")
 def _private_caches(tmp_path_factory):
     """attnlab's cache (the extracted built-in corpus) and `datasets`' cache (lm-eval's JSON tasks, ...) in
-    folders of this test session, for this process and the processes it starts: never the user's ~/.cache."""
-    import datasets.config
+    folders of this test session, for this process and the processes it starts: never the user's ~/.cache.
+    (Without `datasets`, e.g. on a GPU machine with its own packages running the kernel tests, the variable is
+    enough.)"""
+    try:
+        import datasets.config
+    except ImportError:
+        datasets = None
 
     attnlab_cache, datasets_cache = tmp_path_factory.mktemp("attnlab-cache"), tmp_path_factory.mktemp("hf-datasets")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ATTNLAB_CACHE", str(attnlab_cache))
         patch.setenv("HF_DATASETS_CACHE", str(datasets_cache))
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", datasets_cache)  # read when datasets was imported
+        if datasets is not None:
+            patch.setattr(datasets.config, "HF_DATASETS_CACHE", datasets_cache)  # read when datasets was imported
         yield
 
 

@@ -106,6 +106,17 @@ def test_a_bench_without_decode_names_only_the_files_it_wrote(tmp_path, section)
     assert sorted(path.name for path in tmp_path.iterdir()) == results["files"]  # no decode.png
 
 
+def test_bf16_training_is_recorded_with_a_bf16_yardstick(tmp_path):
+    """--bf16 trains under bf16 autocast (as the trainer does on CUDA): finite losses, and the dtype and the MFU
+    yardstick's matmul dtype say so."""
+    results = run_bench(BenchSettings(**TINY_BENCH, sections=("train",), bf16=True), tmp_path)
+    environment = results["environment"]
+    assert environment["dtype"] == "float32 weights, bfloat16 autocast in training"
+    assert environment["matmul_peak"]["dtype"] == "bfloat16"
+    assert all(row["tokens_per_s"] > 0 for row in results["train"]["lengths"]["16"]["mixers"].values())
+    assert "bfloat16 matmul peak" in (tmp_path / "bench.md").read_text()
+
+
 def test_the_hf_comparison_shows_the_standard_row_it_divides_by(tmp_path):
     results = run_bench(BenchSettings(**TINY_BENCH, sections=("train",), against_hf=True), tmp_path)
     train = results["train"]["lengths"]["16"]
@@ -166,7 +177,9 @@ def test_analytic_costs_match_hand_counts():
     # decode per head: within 4·4, read 2·(64 + 32 + 4), fold 2·(64 + 16) = 376; state 2·5·21 entries.
     approximate = cost("approximate")
     assert (approximate.prefill_flops, approximate.decode_flops_per_token, approximate.cache_bytes) == (2784, 1264, 420)
-    assert cost("approximate", cached=False).prefill_flops == 1536 + 2 * 144  # training forward: no final fold
+    # training forward, the blocked kernel: one block of 8 rows (3 tokens padded to a multiple of 8), [q̃, 1]·[k̃, 1]
+    # and t²·[v, 1] for all 8·8 pairs: 8·8·2·(5 + 6) = 1408 per head.
+    assert cost("approximate", cached=False).prefill_flops == 1536 + 2 * 1408
     for name in ("rndembqk", "fixedseqqk"):
         # prefill: W_v, W_o 2·3·8·16 = 768, map once 2·2·(9·4) = 144, AV 144; training adds W_q, W_k on the
         # 3 shadow rows (768). decode: W_v, W_o 256 + 2 heads·2·(4·4)·(1 + 1). cache: tables 16·(8 + 8),

@@ -95,6 +95,7 @@ class BenchSettings:
     contexts: tuple[int, ...] = (128, 256, 512, 1024)  # prefill/decode/cache context lengths (8× range)
     sections: tuple[str, ...] = SECTIONS
     against_hf: bool = False  # also train transformers' Qwen2ForCausalLM (sdpa) with the same weights
+    bf16: bool = False  # train under bf16 autocast (fp32 weights), as `attnlab train` does on CUDA
     threads: int | None = None  # torch intra-op threads (None: leave torch's setting)
     repeats: int = 3  # timed runs (train: turns per model) per measurement
     warmup: int = 1  # untimed runs (train: steps) before the timed ones
@@ -181,12 +182,14 @@ def spread(values: Sequence[float]) -> dict:
 # --- peak matmul throughput -------------------------------------------------------------------------
 
 
-def measure_matmul_peak(device: torch.device, size: int | None = None, repeats: int = 3) -> dict:
-    """fp32 FLOP/s of a square `size`×`size` matmul (best of `repeats` after one warm-up): the MFU yardstick."""
+def measure_matmul_peak(
+    device: torch.device, size: int | None = None, repeats: int = 3, dtype: torch.dtype = torch.float32
+) -> dict:
+    """FLOP/s of a square `size`×`size` matmul in `dtype` (best of `repeats` after one warm-up): the MFU yardstick."""
     size = size or (8192 if device.type == "cuda" else 2048)
     generator = torch.Generator().manual_seed(0)
-    left = torch.randn(size, size, generator=generator).to(device)
-    right = torch.randn(size, size, generator=generator).to(device)
+    left = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    right = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
     times = []
     for index in range(repeats + 1):
         synchronize(device)
@@ -195,25 +198,27 @@ def measure_matmul_peak(device: torch.device, size: int | None = None, repeats: 
         synchronize(device)
         if index:  # the first is the warm-up
             times.append(time.perf_counter() - start)
-    return {"flops_per_s": 2 * size**3 / min(times), "size": size, "dtype": "float32"}
+    return {"flops_per_s": 2 * size**3 / min(times), "size": size, "dtype": str(dtype).removeprefix("torch.")}
 
 
 # --- training throughput ----------------------------------------------------------------------------------
 
 
-def training_step(model: torch.nn.Module, fused_loss: bool) -> Callable[[torch.Tensor], float]:
-    """One full optimizer step on a batch of token ids, as the trainer takes it: loss, backward,
-    `clip_grad_norm_(1.0)`, AdamW(lr 4e-4, betas (0.9, 0.9999), eps 1e-8, weight decay 0.1). attnlab trains
-    through its fused loss (`return_logits=False`); a transformers model through its own."""
+def training_step(model: torch.nn.Module, fused_loss: bool, bf16: bool = False) -> Callable[[torch.Tensor], float]:
+    """One full optimizer step on a batch of token ids, as the trainer takes it: loss (under bf16 autocast with
+    `bf16`), backward, `clip_grad_norm_(1.0)`, AdamW(lr 4e-4, betas (0.9, 0.9999), eps 1e-8, weight decay 0.1).
+    attnlab trains through its fused loss (`return_logits=False`); a transformers model through its own."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, betas=(0.9, 0.9999), eps=1e-8, weight_decay=0.1)
     model.train()
+    device_type = next(model.parameters()).device.type
 
     def step(input_ids: torch.Tensor) -> float:
         optimizer.zero_grad(set_to_none=True)
-        if fused_loss:
-            loss = model(input_ids, labels=input_ids, return_logits=False).loss
-        else:
-            loss = model(input_ids, labels=input_ids).loss
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            if fused_loss:
+                loss = model(input_ids, labels=input_ids, return_logits=False).loss
+            else:
+                loss = model(input_ids, labels=input_ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -356,10 +361,10 @@ def training_steps(
     for name in names:
         configs[name], _ = bench_config(settings, f"uniform:{name}")
         model = build_model(configs[name], device, settings.seed)
-        steps[name] = training_step(model, fused_loss=True)
+        steps[name] = training_step(model, fused_loss=True, bf16=settings.bf16)
         if name == "standard" and settings.against_hf:
             qwen = to_qwen2(model, use_cache=False, attn_implementation="sdpa").to(device=device, dtype=DTYPE)
-            steps["hf_qwen2"] = training_step(qwen, fused_loss=False)
+            steps["hf_qwen2"] = training_step(qwen, fused_loss=False, bf16=settings.bf16)
             configs["hf_qwen2"] = configs["standard"]
     return steps, configs
 
@@ -585,7 +590,7 @@ def run_bench(settings: BenchSettings, out_dir: str | Path) -> dict:
     began = time.perf_counter()
     try:
         config, extended = bench_config(settings, "uniform:standard")
-        peak = measure_matmul_peak(device, settings.matmul_size)
+        peak = measure_matmul_peak(device, settings.matmul_size, dtype=torch.bfloat16 if settings.bf16 else DTYPE)
         results: dict = {
             "environment": {
                 **versions(),
@@ -593,7 +598,7 @@ def run_bench(settings: BenchSettings, out_dir: str | Path) -> dict:
                 "processor": platform.processor() or platform.machine(),
                 "device": str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})",
                 "threads": torch.get_num_threads(),
-                "dtype": "float32",
+                "dtype": "float32" + (" weights, bfloat16 autocast in training" if settings.bf16 else ""),
                 "seed": settings.seed,
                 "matmul_peak": peak,
                 "allocator_environment": {
@@ -670,7 +675,7 @@ def bench_markdown(results: dict) -> str:
         f"# attnlab bench: {settings['preset']}\n",
         (
             f"torch {env['torch']}, transformers {env['transformers']}, device {env['device']}, {env['threads']} "
-            f"threads, {env['dtype']}, seed {env['seed']}; fp32 matmul peak "
+            f"threads, {env['dtype']}, seed {env['seed']}; {env['matmul_peak']['dtype']} matmul peak "
             f"{env['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s ({env['matmul_peak']['size']}² matmul); "
             f"{results['seconds']:.0f} s in all. Medians of {settings['repeats']} runs after {settings['warmup']} "
             "warm-up, [min–max].\n"

@@ -378,6 +378,7 @@ def command_bench(args: argparse.Namespace) -> int:
         model_overrides=model_overrides(args),
         **{name: getattr(args, name) for name in BENCH_OPTIONS if getattr(args, name) is not None},
         against_hf=args.against_hf,
+        bf16=args.bf16,
     )
     results = run_bench(settings, args.out)
     print(f"attnlab: benchmark results in {args.out}: {', '.join(results['files'])}", file=sys.stderr)
@@ -590,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", default="cpu-tiny", choices=presets.preset_names())
     bench.add_argument("--out", required=True, help="output folder")
     bench.add_argument("--against-hf", action="store_true", help="also train transformers' Qwen2ForCausalLM (sdpa)")
+    bench.add_argument(
+        "--bf16", action="store_true", help="train under bf16 autocast (fp32 weights), as attnlab train does on CUDA"
+    )
     for name, (kind, help_text) in BENCH_OPTIONS.items():
         bench.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text)
     add_model_arguments(bench)

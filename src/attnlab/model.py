@@ -8,6 +8,12 @@ sequence (`rndembqk`) and a fixed token sequence (`fixedseqqk`) — that run thr
 per forward with batch 1, so each layer's map is computed once and shared by the batch. Every Q/K source
 passes through the layer's own attention pre-norm. Skip mode runs only the standard layers.
 
+On the fast path a single shadow stream runs as one more row of the batch (`AttnLabModel._with_shadow_row`):
+in a layer of its mixer the shadow row's own attention has exactly the map the batch uses (spec §3: there
+the stream attends over itself), so one map per head serves the row and the batch; the row leaves after the
+last layer that reads it. The reference path, requested maps or scores, a cache, and models with both
+shadow mixers run each stream on its own (`AttnLabModel._shadow_stream`).
+
 Incremental decoding: `generate` builds one `AttnLabCache` (attnlab.cache) holding each layer's own state —
 a KV cache for standard/staticembqk, shared shadow queries/keys plus a value cache for rndembqk/fixedseqqk
 (computed once per cache), O(1) running sums for approximate and nonapprox, nothing for mlp — and each
@@ -16,7 +22,7 @@ forward then runs only the new tokens. `use_cache=False` recomputes the whole se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -63,6 +69,12 @@ class _StreamInputs:
     need_scores: bool = False
     cache: AttnLabCache | None = None  # incremental decoding: the tokens of this pass follow `past_length` others
     past_length: int = 0
+    # The fast path's shadow row (`AttnLabModel._with_shadow_row`): row 0 of the hidden states is the shadow
+    # stream of `shadow_row_source` until the layer `last_shadow_layer` drops it; then `without_shadow_row`
+    # (the same pass for the batch rows alone) serves the layers that follow.
+    shadow_row_source: str | None = None
+    last_shadow_layer: int = -1
+    without_shadow_row: _StreamInputs | None = None
 
 
 class AttnLabDecoderLayer(GradientCheckpointingLayer):
@@ -84,14 +96,19 @@ class AttnLabDecoderLayer(GradientCheckpointingLayer):
     def forward(self, hidden_states: torch.Tensor, stream: _StreamInputs) -> tuple[torch.Tensor, MixerOutput]:
         source_kind = self.self_attn.qk_source
         reference = stream.reference
+        normed = self.input_layernorm(hidden_states, reference)  # x = RMSNorm_l(h): [batch (+1), seq, hidden]
         qk_source, qk_positions = None, None
         if source_kind == "static_embeddings":
             qk_source = self.input_layernorm(stream.static_embeddings, reference)
+        elif source_kind is not None and source_kind == stream.shadow_row_source:  # row 0: Q/K of every row
+            qk_source, qk_positions = normed[:1], stream.shadow_position_embeddings
+            if self.layer_idx == stream.last_shadow_layer:  # no later layer reads the shadow row
+                hidden_states, normed, stream = hidden_states[1:], normed[1:], stream.without_shadow_row
         elif source_kind in stream.shadow_states:  # absent inside the shadow stream itself: attend as standard
             qk_source = self.input_layernorm(stream.shadow_states[source_kind][self.layer_idx], reference)
             qk_positions = stream.shadow_position_embeddings
         mixed = self.self_attn(
-            self.input_layernorm(hidden_states, reference),
+            normed,
             MixerInputs(
                 position_embeddings=stream.position_embeddings,
                 key_padding_mask=stream.key_padding_mask,
@@ -209,13 +226,8 @@ class AttnLabModel(AttnLabPreTrainedModel):
         Returns each layer's input X_{l−1} (indexed by layer number) and the stream's RoPE tables.
         Inside the stream a `rndembqk`/`fixedseqqk` layer attends over the shadow sequence itself.
         """
-        self._check_shadow_length(seq_len)
-        if source == "shadow_noise":
-            hidden = self.shadow_noise[:seq_len].to(self.embed_tokens.weight.dtype)[None]  # [1, seq, hidden]
-        else:
-            hidden = self.embed_tokens(self.shadow_token_ids[:seq_len])[None]
-        position_ids = torch.arange(seq_len, device=hidden.device)[None]
-        positions = self.rotary_emb(hidden, position_ids)
+        hidden = self._shadow_input(source, seq_len)  # [1, seq, hidden]
+        positions = self.rotary_emb(hidden, torch.arange(seq_len, device=hidden.device)[None])
         stream = _StreamInputs(
             position_embeddings=positions,
             key_padding_mask=None,
@@ -231,6 +243,49 @@ class AttnLabModel(AttnLabPreTrainedModel):
             hidden, _ = layer(hidden, stream)
         states[layers[last_user].layer_idx] = hidden  # the last user needs only its input
         return states, positions
+
+    def _shadow_input(self, source: str, seq_len: int) -> torch.Tensor:
+        """X_0 of a shadow stream at positions 0..seq_len−1: ε (`rndembqk`) or Emb(t_s) (`fixedseqqk`), [1, seq, d]."""
+        self._check_shadow_length(seq_len)
+        if source == "shadow_noise":
+            return self.shadow_noise[:seq_len].to(self.embed_tokens.weight.dtype)[None]
+        return self.embed_tokens(self.shadow_token_ids[:seq_len])[None]
+
+    def _with_shadow_row(
+        self, source: str, layers: list[AttnLabDecoderLayer], stream: _StreamInputs, default_positions: bool
+    ) -> tuple[torch.Tensor, _StreamInputs]:
+        """The hidden states and the pass of the fast path with the shadow stream of `source` as row 0.
+
+        Every layer treats rows independently except a layer of `source`, where row 0 gives the queries and
+        keys of every row, its own included: that is the shadow stream's own attention (spec §3), with the
+        map the batch uses, so the layer computes one map per head for the stream and the batch
+        (`standard.shared_map_attention`) where separate streams compute it twice. The shadow row keeps
+        positions 0..L−1; the last layer of `source` drops it after taking its queries and keys.
+        """
+        batch_embeddings = stream.static_embeddings  # e = Emb(t): [batch, seq, hidden]
+        batch, seq_len, _ = batch_embeddings.shape
+        shadow = self._shadow_input(source, seq_len)  # X_0: [1, seq, hidden]
+        rows = torch.cat([shadow, batch_embeddings])  # [1 + batch, seq, hidden]
+        shadow_positions = positions = stream.position_embeddings  # default positions: the same tables
+        if not default_positions:
+            shadow_positions = self.rotary_emb(shadow, torch.arange(seq_len, device=shadow.device)[None])
+            positions = tuple(
+                torch.cat([own, table.expand(batch, -1, -1)]) for own, table in zip(shadow_positions, positions)
+            )  # [1 + batch, seq, head_dim]
+        padding = stream.key_padding_mask
+        if padding is not None:
+            padding = torch.cat([padding.new_ones(1, seq_len), padding])  # [1 + batch, seq]
+        batch_only = replace(stream, shadow_position_embeddings=shadow_positions)
+        joint = replace(
+            batch_only,
+            position_embeddings=positions,
+            key_padding_mask=padding,
+            static_embeddings=rows,  # inside the shadow stream e is X_0
+            shadow_row_source=source,
+            last_shadow_layer=max(layer.layer_idx for layer in layers if layer.self_attn.qk_source == source),
+            without_shadow_row=batch_only,
+        )
+        return rows, joint
 
     def _check_shadow_length(self, seq_len: int) -> None:
         if seq_len > self.config.shadow_seq_len:
@@ -310,20 +365,27 @@ class AttnLabModel(AttnLabPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # e = Emb(t): [batch, seq, hidden]
         batch, seq_len, _ = inputs_embeds.shape
-        if position_ids is None:  # one RoPE table for the batch
+        default_positions = position_ids is None
+        if default_positions:  # one RoPE table for the batch
             position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)[None]
         key_padding_mask = _key_padding_mask(attention_mask, batch, past_length + seq_len)
 
         layers = self.active_layers()
         reference = implementation == "reference"
+        sources = [source for source in SHADOW_SOURCES if any(layer.self_attn.qk_source == source for layer in layers)]
+        shadow_row = (  # the fast path's joint pass (module docstring)
+            len(sources) == 1
+            and cache is None
+            and not (reference or output_attentions or output_mixer_scores)
+            and inputs_embeds.dtype == self.embed_tokens.weight.dtype
+        )
         shadow_states: dict[str, dict[int, torch.Tensor]] = {}
         shadow_positions = None
         if cache is not None:
             self._fill_shadow_tables(cache, layers, past_length + seq_len, reference)
-        else:
-            for source in SHADOW_SOURCES:
-                if any(layer.self_attn.qk_source == source for layer in layers):
-                    shadow_states[source], shadow_positions = self._shadow_stream(source, layers, seq_len, reference)
+        elif not shadow_row:
+            for source in sources:
+                shadow_states[source], shadow_positions = self._shadow_stream(source, layers, seq_len, reference)
         stream = _StreamInputs(
             position_embeddings=self.rotary_emb(inputs_embeds, position_ids),
             key_padding_mask=key_padding_mask,
@@ -338,12 +400,16 @@ class AttnLabModel(AttnLabPreTrainedModel):
         )
 
         hidden_states = inputs_embeds
+        if shadow_row:
+            hidden_states, stream = self._with_shadow_row(sources[0], layers, stream, default_positions)
         # HF convention for hidden_states: every layer's input (the first is the embedding output), then the
         # final normed output.
         all_hidden_states, all_weights, all_scores = [], [], []
         for layer in layers:
-            all_hidden_states.append(hidden_states)
+            all_hidden_states.append(hidden_states[1:] if stream.shadow_row_source else hidden_states)
             hidden_states, mixed = layer(hidden_states, stream)
+            if layer.layer_idx == stream.last_shadow_layer:  # the layer dropped the shadow row
+                stream = stream.without_shadow_row
             all_weights.append(mixed.weights)
             all_scores.append(mixed.scores)
         hidden_states = self.norm(hidden_states, reference)

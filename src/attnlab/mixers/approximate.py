@@ -9,11 +9,16 @@ causal attention becomes running sums of order 0, 1 and 2 over keys and values:
     S0 = Σ_j v_j,   S1 = Σ_j k̃_j v_jᵀ,   S2 = Σ_j (k̃_j ⊗ k̃_j) v_jᵀ   (k̃ = k / d_h^{1/4}; same sums without v
     for the normaliser),  o_i = (S0 + q̃_i·S1 + ½ (q̃_i ⊗ q̃_i)·S2) / (n + q̃_i·z1 + ½ (q̃_i ⊗ q̃_i)·z2).
 
-The fast path is chunked: inside a chunk the polynomial is applied to the explicit chunk×chunk scores,
-across chunks the order-0/1/2 sums carry the prefix — linear in sequence length, and the state a
+Training and uncached forwards (`fast_attention`) never build an L×L tensor: on CUDA the map is softmax
+attention with the score modification s ↦ log f(s) (f > 0), one fused FlexAttention kernel; elsewhere
+`attnlab.kernels.taylor.blocked_taylor_attention`, a FlashAttention-style autograd Function that keeps
+only q, k, v, the output and its normaliser and recomputes blocks in backward (earlier keys summed
+explicitly, or through the order-2 feature sums from L ≈ 2.5·d_h² on, the measured crossover).
+
+The cached prefill is chunked: inside a chunk the polynomial is applied to the explicit chunk×chunk
+scores, across chunks the order-0/1/2 sums carry the prefix — linear in sequence length, and the state a
 recurrent decoder keeps. Because φ has 1 + d_h + d_h² entries, the sums cost about 4·L·d_h³ per head
-against 4·L²·d_h for the explicit form, so the default chunk is 2·d_h²: a paper-size head (d_h = 64)
-runs the explicit form up to 8192 tokens and the linear form beyond. Layout: [batch, heads, seq, head_dim].
+against 4·L²·d_h for the explicit form, so the default chunk is 2·d_h². Layout: [batch, heads, seq, head_dim].
 
 Cached decoding keeps exactly those six running sums (`attnlab.cache.RecurrentStateLayer`): Σv [B,H,1,d_h],
 Σ1 [B,H,1,1], Σk̃vᵀ [B,H,d_h,d_h], Σk̃ [B,H,d_h,1], Σ(k̃⊗k̃)vᵀ [B,H,d_h²,d_h], Σ(k̃⊗k̃) [B,H,d_h²,1], in the
@@ -21,10 +26,11 @@ compute dtype. Their size does not depend on the context, and a step costs O(d_h
 whatever the context length (the order-2 term dominates; spec §8 quotes 10Bd² for decode, which counts
 the order-0/1 terms). The prefill is the chunked computation that also folds its last chunk.
 
-Analytic cost (`cost`), per batch row and head, chunks c_1, c_2, … of `resolved_chunk_size`:
-within a chunk 4c²d_h (scores and weights·v, dense); reading the prefix (every chunk but the first)
-2c·(d_h³ + 2d_h² + d_h); folding a chunk into the sums 2c·(d_h³ + d_h²) (every chunk in a cached prefill,
-all but the last in the training forward); plus the projections (8BLd² for multi-head attention).
+Analytic cost (`cost`), per batch row and head. Training forward (`cached=False`): the blocked kernel's
+products (`attnlab.kernels.taylor.blocked_forward_flops`). Cached prefill, chunks c_1, c_2, … of
+`resolved_chunk_size`: within a chunk 4c²d_h (scores and weights·v, dense); reading the prefix (every chunk
+but the first) 2c·(d_h³ + 2d_h² + d_h); folding a chunk into the sums 2c·(d_h³ + d_h²). Both plus the
+projections (8BLd² for multi-head attention).
 decode = 8Bd² + B·h·(4d_h³ + 6d_h² + 6d_h); cache = B·h·(d_h + 1)·(d_h² + d_h + 1) entries of the
 compute dtype (the six sums above). Spec §8's 14BLd², 10Bd² and 6Bd + 4Bd²/h bytes count the order-0/1
 terms only (and no W_o): the order-2 sums, d_h³ per head, dominate for any d_h > h.
@@ -34,7 +40,10 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.taylor import blocked_forward_flops, blocked_taylor_attention, flex_taylor_attention
 from .base import MixerCost, MixerInputs, MixerOutput, PairwiseScoreMixer, allowed_positions, projection_flops
+
+FLEX_MIN_HEAD_DIM = 16  # FlexAttention's compiled kernels need head_dim ≥ 16
 
 
 def taylor_exp(scores: torch.Tensor) -> torch.Tensor:
@@ -133,8 +142,12 @@ class TaylorAttention(PairwiseScoreMixer):
         return reference_taylor_attention(query, key, value, allowed, self.scaling)
 
     def fast_attention(self, query, key, value, key_padding_mask, past_length=0):
+        """No L×L tensor: FlexAttention on CUDA (heads of ≥ 16 dims, what its Triton kernels take), the blocked
+        recomputing kernel elsewhere (module docstring)."""
         assert past_length == 0, "cached decode steps go through the recurrent state (forward_cached)"
-        return chunked_taylor_attention(query, key, value, key_padding_mask, self.scaling, self.resolved_chunk_size)
+        if query.device.type == "cuda" and query.shape[-1] >= FLEX_MIN_HEAD_DIM:
+            return flex_taylor_attention(query, key, value, key_padding_mask, self.scaling)
+        return blocked_taylor_attention(query, key, value, key_padding_mask, self.scaling)
 
     @property
     def resolved_chunk_size(self) -> int:
@@ -146,10 +159,12 @@ class TaylorAttention(PairwiseScoreMixer):
         heads, head_dim = config.num_attention_heads, config.head_dim_resolved
         chunk = cls.chunk_size or 2 * head_dim**2
         chunks = [min(chunk, seq_len - start) for start in range(0, seq_len, chunk)]
-        folded = chunks if cached else chunks[:-1]
         read = 2 * (head_dim**3 + 2 * head_dim**2 + head_dim)  # per query: φ(q̃)·Σφ(k̃)v and φ(q̃)·Σφ(k̃)
         fold = 2 * (head_dim**3 + head_dim**2)  # per key: k̃vᵀ and (k̃⊗k̃)vᵀ
-        per_head = sum(4 * c * c * head_dim for c in chunks) + read * sum(chunks[1:]) + fold * sum(folded)
+        if cached:
+            per_head = sum(4 * c * c * head_dim for c in chunks) + read * sum(chunks[1:]) + fold * seq_len
+        else:
+            per_head = blocked_forward_flops(seq_len, head_dim)
         step = 4 * head_dim + read + fold  # a chunk of one token with a prefix, folded
         return MixerCost(
             prefill_flops=projection_flops(config, batch * seq_len) + batch * heads * per_head,

@@ -5,10 +5,14 @@
 
 A softmax over the causal prefix whose logits do not depend on the query row. Its recurrent form (paper
 eq. 18) is a running softmax-weighted mean of v with O(1) state per head; the fast path evaluates it in
-chunks with an online max (as in flash attention), so scores far above 10³ — the uniform-`nonapprox`
-failure the paper reports — neither overflow nor underflow. RoPE is not applied: rotating q_j and k_j
-by the same angle leaves q_j·k_j unchanged. With QK-norm, the norm is applied to the projections before
-the SiLU. Layout: [batch, heads, seq, head_dim]; scores [batch, heads, seq].
+chunks with running maxima (as in flash attention), so scores far above 10³ — the uniform-`nonapprox`
+failure the paper reports — neither overflow nor underflow. All chunks are handled at once
+(`chunked_prefix_softmax`: no loop over positions or chunks), O(L·chunk + (L/chunk)²·d_h) per head.
+(The logcumsumexp form, log Σ exp(s_j + log(v_j − c)) with a shift c that makes v positive, was measured
+too: at L = 2048 and 8192, cpu-tiny widths, its backward was 3–5× slower, and with scores of 10³ its
+float32 outputs were off by 2e-3, since the logs carry the scores' size; subtracting maxima keeps O(1).)
+RoPE is not applied: rotating q_j and k_j by the same angle leaves q_j·k_j unchanged. With QK-norm, the
+norm is applied to the projections before the SiLU. Layout: [batch, heads, seq, head_dim]; scores [batch, heads, seq].
 
 Cached decoding keeps the chunked path's carry as the layer's recurrent state
 (`attnlab.cache.RecurrentStateLayer`, float32): the running max m [B,H], Σ_j exp(s_j − m)·v_j [B,H,d_h]
@@ -16,12 +20,13 @@ and Σ_j exp(s_j − m) [B,H]. A step rescales both sums by exp(m_old − m_new)
 nothing overflows however large the scores; the state has constant size (spec §8: 2Bd + 4Bh bytes) and
 a step costs O(d) per token, independent of the context (spec §8: 6Bd² with the projections).
 
-Analytic cost (`cost`), with h heads of width d_h and chunks c of `chunk_size`: prefill = projections
-(8BLd² for multi-head attention) + B·h·d_h·(4L + 2·Σc²) (the scores s_j, the folds Σexp·v, and the
-chunk×chunk weights applied to v); decode = 8Bd² + 6B·h·d_h; cache = 4·B·h·(d_h + 2) bytes (three float32
-tensors whatever the compute dtype). Spec §8 writes 6BLd² and 6Bd² (no W_o) and 2Bd + 4Bh bytes (the
-weighted sum at half precision and one float32 per head); attnlab keeps the sum, the max and the
-normaliser, all in float32.
+Analytic cost (`cost`), with h heads of width d_h and n = ⌈L/C⌉ chunks of C = min(`chunk_size`, L)
+positions (the last one padded): prefill = projections (8BLd² for multi-head attention) + B·h·d_h·(4L + 2nC²)
+(the scores s_j, the chunk sums Σexp·v, and the chunk×chunk weights applied to v; the carries'
+rescale-and-sum over the (n + 1)² chunk pairs is left out with the other running-max rescales); decode =
+8Bd² + 6B·h·d_h; cache = 4·B·h·(d_h + 2) bytes (three float32 tensors whatever the compute dtype).
+Spec §8 writes 6BLd² and 6Bd² (no W_o) and 2Bd + 4Bh bytes (the weighted sum at half precision and one
+float32 per head); attnlab keeps the sum, the max and the normaliser, all in float32.
 """
 
 from __future__ import annotations
@@ -77,51 +82,85 @@ def chunked_prefix_softmax(
     state: PrefixSoftmaxState | None = None,
     return_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, PrefixSoftmaxState]:
-    """o_i = Σ_{j ≤ i} exp(s_j − c_i) v_j / Σ_{j ≤ i} exp(s_j − c_i), with c_i the running max.
+    """o_i = Σ_{j ≤ i} exp(s_j − c_i) v_j / Σ_{j ≤ i} exp(s_j − c_i), with c_i the running max (paper eq. 18).
 
-    Processes `chunk_size` positions at a time, carrying (running max, Σ exp·v, Σ exp) across chunks.
-    Every exponent is ≤ 0 and each row's own term is exp(0)-scaled at worst, so nothing overflows and
-    no normaliser vanishes. The stabiliser is detached: the result does not depend on it. `state`
-    continues a sequence (the cached decode step); `return_state=True` also returns the final carry.
+    scores: [B, H, L]; value: [B, H, L, d]. The positions fall into chunks of `chunk_size` (the last one padded
+    with masked keys), all handled at once, with no loop over chunks:
+    - each chunk u is summarised at its own maximum M_u: (M_u, Σ_j exp(s_j − M_u) v_j, Σ_j exp(s_j − M_u));
+    - the carry into chunk c combines `state` (the carry of earlier calls, if any) and the summaries of
+      chunks u < c at their common maximum R_c = max(M_state, M_u for u < c), as one [chunks + 1, chunks + 1]
+      matmul of the weights exp(M_u − R_c) ≤ 1 (the sequential fold's running-max rescales, all at once);
+    - row i of chunk c takes its chunk's keys j ≤ i explicitly at c_i = max(R_c, max_{j ≤ i} s_j), and the
+      carry rescaled by exp(R_c − c_i).
+    Every exponent is ≤ 0 and each row's own term is exp(0)-scaled at worst, so nothing overflows and no
+    normaliser vanishes, however large the scores. The maxima are detached: the result does not depend on
+    them. `return_state=True` also returns the carry after the last position (the cached decode state).
     """
-    seq_len = scores.shape[-1]
-    scores = scores.float()
+    batch, heads, seq_len = scores.shape
+    value_dim = value.shape[-1]
+    chunk = min(chunk_size, seq_len)
+    chunks = -(-seq_len // chunk)
+    tail = chunks * chunk - seq_len
     lowest = torch.finfo(torch.float32).min
-    keep = None if key_padding_mask is None else key_padding_mask[:, None, :]  # [B, 1, L]
-    if state is None:
-        state = initial_prefix_softmax_state(scores, value.shape[-1])
-    outputs = []
-    for start in range(0, seq_len, chunk_size):
-        stop = min(start + chunk_size, seq_len)
-        s, v = scores[:, :, start:stop], value[:, :, start:stop].float()  # [B, H, C], [B, H, C, d]
-        chunk_keep = None if keep is None else keep[:, :, start:stop]
-        running_max, weighted_sum, weight_sum = state
-        allowed = allowed_positions(stop - start, None if keep is None else key_padding_mask[:, start:stop], s.device)
-        logits = s[:, :, None, :].expand(-1, -1, stop - start, -1).masked_fill(~allowed, lowest)  # [B, H, C, C]
-        row_max = torch.maximum(running_max[..., None], logits.amax(-1)).detach()  # c_i: [B, H, C]
-        within = torch.exp(logits - row_max[..., None])  # masked entries → exp(lowest − c) = 0
-        carry = torch.exp(running_max[..., None] - row_max)  # rescales the earlier chunks' sums
-        numerator = within @ v + carry[..., None] * weighted_sum[:, :, None, :]
-        normaliser = within.sum(-1) + carry * weight_sum[:, :, None]
-        outputs.append((numerator / normaliser[..., None]).to(value.dtype))
-        # Fold the chunk's (real) keys into the running state, rescaled to the new maximum.
-        state = fold_prefix_softmax_state(state, s, v, chunk_keep)
-    output = torch.cat(outputs, dim=2)
-    return (output, state) if return_state else output
+    scores, values = scores.float(), value.float()
+    keep = key_padding_mask
+    if tail:  # masked keys after the end: they get weight 0 and their rows are dropped
+        scores, values = F.pad(scores, (0, tail)), F.pad(values, (0, 0, 0, tail))
+        keep = torch.ones(batch, seq_len, dtype=torch.bool, device=scores.device) if keep is None else keep
+        keep = F.pad(keep, (0, tail), value=False)
+    scores = scores.view(batch, heads, chunks, chunk)  # [B, H, n, C]
+    values = values.view(batch, heads, chunks, chunk, value_dim)  # [B, H, n, C, d]
+    keep = None if keep is None else keep.view(batch, 1, chunks, chunk)  # [B, 1, n, C]
+
+    # Chunk summaries at their own maxima.
+    key_scores = scores if keep is None else scores.masked_fill(~keep, lowest)
+    chunk_max = key_scores.amax(-1).detach()  # M_u: [B, H, n]
+    key_weights = torch.exp(key_scores - chunk_max[..., None])  # [B, H, n, C]
+    if keep is not None:
+        key_weights = key_weights * keep
+    chunk_sums = (key_weights[..., None, :] @ values).squeeze(-2)  # [B, H, n, d]
+
+    # Carries: target t ∈ 0..n combines the sources u ≤ t (u = 0: `state`, u ≥ 1: chunk u − 1).
+    state = initial_prefix_softmax_state(scores, value_dim) if state is None else state
+    source_max = torch.cat([state[0][..., None], chunk_max], dim=-1)  # [B, H, n + 1]
+    source_sums = torch.cat([state[1][:, :, None], chunk_sums], dim=2)  # [B, H, n + 1, d]
+    source_weights = torch.cat([state[2][..., None], key_weights.sum(-1)], dim=-1)  # [B, H, n + 1]
+    carry_max = torch.cummax(source_max, dim=-1).values  # R_t: [B, H, n + 1]
+    later = torch.ones(chunks + 1, chunks + 1, dtype=torch.bool, device=scores.device).triu_(1)  # u > t
+    combine = torch.exp((source_max[..., None, :] - carry_max[..., None]).masked_fill(later, float("-inf")))
+    carry_sums = combine @ source_sums  # [B, H, n + 1, d]
+    carry_weights = (combine @ source_weights[..., None]).squeeze(-1)  # [B, H, n + 1]
+
+    # Within each chunk, explicitly (a padded query keeps its own position, see `allowed_positions`).
+    allowed = torch.ones(chunk, chunk, dtype=torch.bool, device=scores.device).tril_()  # j ≤ i: [C, C]
+    if keep is not None:
+        allowed = (allowed & keep[..., None, :]) | torch.eye(chunk, dtype=torch.bool, device=scores.device)
+    logits = scores[..., None, :].expand(-1, -1, -1, chunk, -1).masked_fill(~allowed, lowest)  # [B, H, n, C, C]
+    running_max = carry_max[..., :chunks, None]  # R_c per row: [B, H, n, 1]
+    row_max = torch.maximum(running_max, logits.amax(-1)).detach()  # c_i: [B, H, n, C]
+    within = torch.exp(logits - row_max[..., None])  # masked entries → exp(lowest − c) = 0
+    carry = torch.exp(running_max - row_max)  # [B, H, n, C]
+    numerator = within @ values + carry[..., None] * carry_sums[:, :, :chunks, None, :]  # [B, H, n, C, d]
+    normaliser = within.sum(-1) + carry * carry_weights[:, :, :chunks, None]  # [B, H, n, C]
+    output = (numerator / normaliser[..., None]).view(batch, heads, chunks * chunk, value_dim)[:, :, :seq_len]
+    output = output.to(value.dtype)
+    if return_state:
+        return output, (carry_max[..., chunks], carry_sums[:, :, chunks], carry_weights[..., chunks])
+    return output
 
 
 class SelfGatedPrefixSoftmax(ProjectedMixer):
     """Per-position self-gated scores, softmax over the causal prefix (spec §3, `nonapprox`)."""
 
     name = "nonapprox"
-    chunk_size: int = 64  # fast path: positions per chunk
+    chunk_size: int = 32  # fast path: positions per chunk (32 was fastest of 8–256 at L = 512–8192, cpu-tiny)
 
     @classmethod
     def cost(cls, config, batch, seq_len, dtype_bytes=2, cached=True):
         """Module docstring; the state is float32, so `dtype_bytes` does not change the cache."""
         heads, head_dim = config.num_attention_heads, config.head_dim_resolved
-        full, rest = divmod(seq_len, cls.chunk_size)
-        chunk_squares = full * cls.chunk_size**2 + rest**2
+        chunk = min(cls.chunk_size, max(seq_len, 1))
+        chunk_squares = -(-seq_len // chunk) * chunk**2  # n·C²: the padded last chunk counts whole
         return MixerCost(
             prefill_flops=projection_flops(config, batch * seq_len)
             + batch * heads * head_dim * (4 * seq_len + 2 * chunk_squares),

@@ -4,7 +4,16 @@
 
 The same computation serves the variants that only change where q and k come from (`staticembqk`,
 `rndembqk`, `fixedseqqk`): both attention functions accept queries/keys of batch 1 — one input-independent
-map per head, shared by the whole batch — and then compute that map once, not once per sequence.
+map per head, shared by the whole batch — and then compute that map once, not once per sequence: the
+batch is folded into the value width, [1, heads, seq, B·d_h]. The CPU's fused kernel takes only one width
+for q, k and v (a wider v sends it to the unfused math backend: dense L×L, no causal skipping), so on the
+CPU a shared map (without padding) goes through `shared_map_attention` (float32, B ≥ `SHARED_MAP_MIN_BATCH`:
+blocks of query rows, QKᵀ and softmax once, one matmul for the batch) or else the fused kernel with q and k
+zero-padded to the folded width (`padded_shared_map_attention`: one softmax, but QKᵀ at B·d_h wide).
+Measured forward + backward of cpu-tiny's attention (4 heads, d_h 32; 2 threads, shared machine), speed
+against per-sequence maps of the B − 1 batch rows (a shadow row is the B-th): B = 33, L = 512: blocks 1.6–1.8×,
+padded 0.8×; B = 9, L = 2048: blocks 1.7–1.8×, padded 1.2×; B = 5, L = 4096: both 1.0–1.1×; B = 3: blocks
+0.5–0.7×, padded 0.8× (L = 2048–8192).
 
 Cached decoding (`forward_cached`): `standard` and `staticembqk` keep a KV cache (transformers'
 `DynamicLayer`) of keys after QK-norm and RoPE and of values, [batch, kv_heads, seen, head_dim]; a step
@@ -56,13 +65,18 @@ def fast_softmax_attention(
     """Fused causal softmax attention (`scaled_dot_product_attention`); the same function as the reference.
 
     When query/key have batch 1 and value has batch B (a map shared by the batch) and there is no padding,
-    the batch is folded into the value width, so the map is computed once: cost 2L²d + 2BL²d (spec §8).
+    the batch is folded into the value width, so the map is computed once: cost 2L²d + 2BL²d (spec §8); on
+    the CPU by `shared_map_attention` or `padded_shared_map_attention` (module docstring).
     With `past_length` > 0 the queries are the last ones of the key sequence (cached decoding).
     """
     if past_length:
         return decode_softmax_attention(query, key, value, key_padding_mask, past_length)
     batch, heads, seq_len, value_dim = value.shape
     shared_map = query.shape[0] == 1 and batch > 1
+    if key_padding_mask is None and shared_map and value.device.type == "cpu":
+        if batch >= SHARED_MAP_MIN_BATCH and query.dtype == key.dtype == value.dtype == torch.float32:
+            return shared_map_attention(query, key, value)
+        return padded_shared_map_attention(query, key, value)
     if key_padding_mask is None and shared_map:
         folded = value.permute(1, 2, 0, 3).reshape(1, heads, seq_len, batch * value_dim)  # [1, heads, seq, B·d]
         output = F.scaled_dot_product_attention(query, key, folded, is_causal=True)
@@ -72,6 +86,104 @@ def fast_softmax_attention(
     allowed = allowed_positions(seq_len, key_padding_mask, value.device)  # [batch, 1, seq, seq]
     query, key = query.expand(batch, -1, -1, -1), key.expand(batch, -1, -1, -1)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed)
+
+
+SHARED_MAP_BLOCK = 256  # query rows per block of `shared_map_attention`
+SHARED_MAP_MIN_BATCH = 5  # smaller batches share a CPU map through `padded_shared_map_attention`
+
+
+def padded_shared_map_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The fused kernel on one map shared by the batch, the batch folded into the value width and q, k padded
+    with zeros to that width (which leaves every q·k, and so the map, unchanged; the scale stays 1/sqrt(d_h)).
+
+    query/key: [1, heads, seq, d]; value: [batch, heads, seq, d_v] with batch·d_v ≥ d → [batch, heads, seq, d_v].
+    """
+    batch, heads, seq_len, value_dim = value.shape
+    folded = value.permute(1, 2, 0, 3).reshape(1, heads, seq_len, batch * value_dim)  # [1, heads, seq, B·d_v]
+    padding = (0, batch * value_dim - query.shape[-1])
+    output = F.scaled_dot_product_attention(
+        F.pad(query, padding), F.pad(key, padding), folded, is_causal=True, scale=query.shape[-1] ** -0.5
+    )
+    return output.reshape(heads, seq_len, batch, value_dim).permute(2, 0, 1, 3)  # [batch, heads, seq, d_v]
+
+
+def shared_map_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention with one map per head shared by the batch (spec §3, `rndembqk`/`fixedseqqk`).
+
+    o_bi = Σ_{j ≤ i} A_ij v_bj with A = softmax_j(RoPE_i(q_i)·RoPE_j(k_j) / sqrt(d_h)), the same function as
+    `fast_softmax_attention`. query/key: [1, heads, seq, d]; value: [batch, heads, seq, d_v] → [batch, heads,
+    seq, d_v]. The batch is folded into the value width, so each block of A is computed once and applied
+    to every sequence by one matmul: QKᵀ and the softmax cost one sequence, not B (spec §8: 2L²d + 2BL²d).
+    """
+    batch, heads, seq_len, value_dim = value.shape
+    folded = value.permute(1, 2, 0, 3).reshape(heads, seq_len, batch * value_dim)  # [heads, seq, B·d_v]
+    output = _SharedMapAttention.apply(query[0], key[0], folded, query.shape[-1] ** -0.5)  # [heads, seq, B·d_v]
+    return output.view(heads, seq_len, batch, value_dim).permute(2, 0, 1, 3)  # [batch, heads, seq, d_v]
+
+
+class _SharedMapAttention(torch.autograd.Function):
+    """softmax(causal(q kᵀ · scale)) v for q, k: [heads, seq, d] and v: [heads, seq, width], exact, in blocks of
+    `SHARED_MAP_BLOCK` query rows (a block of rows a..b−1 sees keys 0..b−1, so the upper triangle is skipped
+    up to one block's diagonal). Memory O(heads · block · seq): backward recomputes each block of the map.
+
+    With P = softmax(S), O = P v and δ_i = Σ_w ∂L/∂O_iw · O_iw (= Σ_j P_ij ∂L/∂P_ij):
+    ∂L/∂v = Pᵀ ∂L/∂O,  ∂L/∂S = P ⊙ (∂L/∂O vᵀ − δ),  ∂L/∂q = ∂L/∂S k · scale,  ∂L/∂k = ∂L/∂Sᵀ q · scale.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale):
+        scaled_query, key = (query * scale).contiguous(), key.contiguous()
+        outputs = [block @ value[:, : block.shape[-1]] for block in _map_blocks(scaled_query, key)]
+        output = torch.cat(outputs, dim=1)  # [heads, seq, width]
+        ctx.save_for_backward(scaled_query, key, value, output)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        scaled_query, key, value, output = ctx.saved_tensors
+        grad_output = grad_output.contiguous()
+        delta = torch.linalg.vecdot(grad_output, output).unsqueeze(-1)  # δ: [heads, seq, 1]
+        grad_query, grad_key, grad_value = [], torch.zeros_like(key), torch.zeros_like(value)
+        grad_space = key.new_empty(_workspace_size(key))  # ∂L/∂P, then ∂L/∂S, of every block in turn
+        start = 0
+        for weights in _map_blocks(scaled_query, key):  # P of rows start..stop−1: [heads, rows, stop]
+            stop = weights.shape[-1]
+            rows = slice(start, start + weights.shape[1])
+            grad_value[:, :stop] += weights.transpose(1, 2) @ grad_output[:, rows]
+            grad_scores = grad_space[: weights.numel()].view(weights.shape)
+            torch.bmm(grad_output[:, rows], value[:, :stop].transpose(1, 2), out=grad_scores)  # ∂L/∂P
+            grad_scores.sub_(delta[:, rows]).mul_(weights)  # ∂L/∂S
+            grad_query.append(grad_scores @ key[:, :stop])
+            grad_key[:, :stop] += grad_scores.transpose(1, 2) @ scaled_query[:, rows]
+            start = rows.stop
+        return torch.cat(grad_query, dim=1).mul_(ctx.scale), grad_key, grad_value, None
+
+
+def _workspace_size(key: torch.Tensor) -> int:
+    """Elements of the largest block of the map (the last one): heads · block · seq."""
+    heads, seq_len, _ = key.shape
+    return heads * min(SHARED_MAP_BLOCK, seq_len) * seq_len
+
+
+def _map_blocks(scaled_query: torch.Tensor, key: torch.Tensor):
+    """Yield the causal map P in blocks of query rows: rows a..b−1 as [heads, b − a, b] (keys 0..b−1).
+
+    The scores and the map live in two workspaces reused by every block (a yielded block is overwritten by
+    the next one). scaled_query, key: [heads, seq, d], contiguous.
+    """
+    heads, seq_len, _ = key.shape
+    block = min(SHARED_MAP_BLOCK, seq_len)
+    above_diagonal = torch.ones(block, block, dtype=torch.bool, device=key.device).triu_(1)
+    scores_space = key.new_empty(_workspace_size(key))
+    weights_space = torch.empty_like(scores_space)
+    for start in range(0, seq_len, block):
+        stop = min(start + block, seq_len)
+        rows = stop - start
+        scores = scores_space[: heads * rows * stop].view(heads, rows, stop)
+        torch.bmm(scaled_query[:, start:stop], key[:, :stop].transpose(1, 2), out=scores)
+        scores[:, :, start:].masked_fill_(above_diagonal[:rows, :rows], float("-inf"))  # j > i
+        yield torch.softmax(scores, dim=-1, out=weights_space[: heads * rows * stop].view(heads, rows, stop))
 
 
 def decode_softmax_attention(
