@@ -378,6 +378,40 @@ def test_packed_stream_resume_seed_and_epochs(small_corpus):
         make_train_stream(corpus, tokenizer, 16, seed=11).load_state_dict(state)
 
 
+def test_shifted_windows_cut_each_epoch_at_its_own_offset_and_resume_exactly(small_corpus):
+    """With shifted_windows, epoch e's sequences are the N = (len − L + 1) // L consecutive windows that start at
+    its offset o_e (0 for epoch 0), each once, in that epoch's permutation; later epochs differ from epoch 0's
+    windows; two ranks see what one process sees; a resume continues exactly, and a plain stream's state is
+    refused."""
+    corpus, tokenizer = small_corpus
+    tokens = torch.tensor(split_tokens(corpus, tokenizer, "train").tolist())
+    seq_len = 20
+    stream = make_train_stream(corpus, tokenizer, seq_len, seed=3, shifted_windows=True)
+    count = (len(tokens) - seq_len + 1) // seq_len
+    assert stream.num_sequences == count
+    offsets = set()
+    for epoch in range(4):
+        offset = stream.window_offset(epoch)
+        offsets.add(offset)
+        windows = tokens[offset : offset + count * seq_len].view(count, seq_len)
+        batch = stream.next_batch(count)  # exactly one epoch
+        assert torch.equal(batch, windows[torch.from_numpy(stream.permutation(epoch))])
+    assert stream.window_offset(0) == 0 and len(offsets) > 1
+    ranks = [
+        make_train_stream(corpus, tokenizer, seq_len, seed=3, rank=r, world_size=2, shifted_windows=True)
+        for r in (0, 1)
+    ]
+    single = make_train_stream(corpus, tokenizer, seq_len, seed=3, shifted_windows=True)
+    for _ in range(2 * count // 14 + 2):  # past two epoch boundaries
+        assert torch.equal(torch.cat([rank.next_batch(7) for rank in ranks]), single.next_batch(14))
+    state = json.loads(json.dumps(single.state_dict()))
+    resumed = make_train_stream(corpus, tokenizer, seq_len, seed=3, shifted_windows=True)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(single.next_batch(5), resumed.next_batch(5)) for _ in range(30))
+    with pytest.raises(ValueError, match="cannot resume the data stream"):
+        make_train_stream(corpus, tokenizer, seq_len, seed=3).load_state_dict(state)
+
+
 def test_unigram_entropy_matches_a_direct_count(small_corpus):
     corpus, tokenizer = small_corpus
     tokens = eos_joined(tokenizer, list(corpus.documents("train")))

@@ -528,3 +528,47 @@ def test_a_run_that_saved_nothing_starts_again(corpus, uninterrupted, tmp_path):
     result = run_attnlab(tiny_train_args(corpus, out, "--resume"))
     assert result.returncode == 0, result.stderr
     assert losses(out) == losses(uninterrupted)
+
+
+SCRIPTED_HELD_OUT = {  # step → held-out loss
+    "rising": {2: 3.0, 4: 2.5, 6: 2.51, 8: 2.6, 10: 2.7, 12: 2.8},  # best at 4; 6 is within the margin; 8 is not
+    "falling": {2: 3.0, 4: 2.5, 6: 2.4, 8: 2.3, 10: 2.2, 12: 2.1},
+}
+
+
+@pytest.mark.parametrize("save_best", [False, True], ids=["last", "save-best"])
+@pytest.mark.parametrize("course", SCRIPTED_HELD_OUT)
+def test_overfitting_is_noted_once_and_the_best_checkpoint_survives(
+    corpus, tmp_path, monkeypatch, capsys, course, save_best
+):
+    """Real training; only the held-out loss is scripted. A rising loss gives one line (at step 8, the first
+    evaluation more than OVERFIT_MARGIN above the best), metrics.jsonl marks the best steps, the best checkpoint
+    (4) is kept beside the newest with --keep-checkpoints 1, and --save-best makes it the final model. A falling
+    loss gives no line and keeps only the newest checkpoint."""
+    from attnlab import train as training
+
+    scripted = iter(SCRIPTED_HELD_OUT[course].values())  # evaluations come at steps 2, 4, …, 12 in turn
+    monkeypatch.setattr(training, "evaluate_heldout", lambda *args: {"eval_loss": next(scripted)})
+    out = tmp_path / "run"
+    extra = ["--eval-every", "2", "--keep-checkpoints", "1"] + (["--save-best"] if save_best else [])
+    assert main(tiny_train_args(corpus, out, *extra)) == 0
+    stderr = capsys.readouterr().err
+    notes = [line for line in stderr.splitlines() if "is overfitting" in line]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best_steps = [record["step"] for record in records if record.get("eval_best")]
+    checkpoints = sorted(int(path.name.split("-")[1]) for path in out.glob("checkpoint-*"))
+    if course == "rising":
+        assert notes == [
+            "attnlab: held-out loss 2.6000 at step 8 is above its best, 2.5000 at step 4: the model is overfitting; "
+            "checkpoint-4 is kept, and --save-best makes it the final model"
+        ]
+        assert best_steps == [2, 4] and checkpoints == [4, 12]
+    else:
+        assert notes == [] and best_steps == [2, 4, 6, 8, 10, 12] and checkpoints == [12]
+    final = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    expected_step = 4 if (course == "rising" and save_best) else 12
+    expected = AutoModelForCausalLM.from_pretrained(out / f"checkpoint-{expected_step}").state_dict()
+    assert all(torch.equal(final[name], expected[name]) for name in expected)
+    if expected_step == 4:  # and not the last step's weights
+        last = AutoModelForCausalLM.from_pretrained(out / "checkpoint-12").state_dict()
+        assert not all(torch.equal(final[name], last[name]) for name in last)

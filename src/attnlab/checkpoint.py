@@ -93,8 +93,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int,
     after_weights: Callable[[], None] | None = None,
+    protect: int | None = None,
 ) -> Path:
-    """Write `checkpoint-<step>` atomically, then delete all but the newest `keep` complete checkpoints.
+    """Write `checkpoint-<step>` atomically, then delete all but the newest `keep` complete checkpoints and
+    `checkpoint-<protect>` (the best one so far).
 
     `after_weights` runs once the weights are on disk in the temporary folder (used for fault injection).
     An OS error while writing (a full disk) removes the partial folder and raises OSError with one line.
@@ -119,8 +121,9 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(temporary, final)
     fsync_directory(out)  # the rename is durable before older checkpoints go
-    for _, old in complete_checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old_step, old in complete_checkpoints(out)[:-keep]:
+        if old_step != protect:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -137,6 +137,8 @@ TRAIN_SWITCHES = {
     "--activation-checkpointing": "activation_checkpointing",
     "--tensorboard": "tensorboard",
     "--wandb": "wandb",
+    "--save-best": "save_best",
+    "--shifted-windows": "shifted_windows",
 }
 
 

@@ -35,6 +35,7 @@ class TrainConfig:
     global_batch_size: int = 256  # sequences per optimizer step over all devices (gradient accumulation fills it)
     tokens: int | None = 15_000_000_000  # token budget; steps = ceil(tokens / (global_batch_size · seq_len))
     max_steps: int | None = None  # if set, overrides the token budget
+    shifted_windows: bool = False  # finite corpora: each epoch cuts the token stream at a new random offset
     lr: float = 4e-4  # peak learning rate, reached after warm-up, then cosine (half a cycle) to zero
     warmup_steps: int = 2000
     weight_decay: float = 0.1  # on matrices and embeddings; not on biases and norm gains
@@ -44,7 +45,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     seed: int = 0
     save_every: int = 1000  # optimizer steps between checkpoints
-    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    keep_checkpoints: int = 2  # newest complete checkpoints kept (and always the one of the best held-out loss)
+    save_best: bool = False  # the final model is the checkpoint of the best held-out loss, not the last step's
     eval_every: int = 500  # optimizer steps between held-out evaluations (0: only at the end)
     eval_sequences: int = 64  # held-out sequences per evaluation
     max_nonfinite_skips: int = 0  # batches with a non-finite loss/gradient to skip before stopping (0: stop at once)
@@ -67,6 +69,7 @@ RESUMABLE_CHANGES = {
     "max_steps",
     "save_every",
     "keep_checkpoints",
+    "save_best",
     "eval_every",
     "device",
     "compile",

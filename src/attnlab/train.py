@@ -16,6 +16,7 @@ Faults (a kill before a step or during a save, a non-finite loss) are injected b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -163,7 +164,13 @@ def _train_in(run: RunConfig, out: Path, checkpoint: Path | None, devices: Devic
         sources["data"] = {"spec": settings.data, "revision": corpus.revision}
         tokenizer = _load_tokenizer(out)
         stream = attnlab_data.make_train_stream(
-            corpus, tokenizer, settings.seq_len, settings.seed, rank=devices.rank, world_size=devices.world_size
+            corpus,
+            tokenizer,
+            settings.seq_len,
+            settings.seed,
+            rank=devices.rank,
+            world_size=devices.world_size,
+            shifted_windows=settings.shifted_windows,
         )
         heldout = attnlab_data.heldout_sequences(corpus, tokenizer, settings.seq_len, settings.eval_sequences)
         vocabulary = _tokenizer_vocabulary(tokenizer)
@@ -193,6 +200,7 @@ def _train_in(run: RunConfig, out: Path, checkpoint: Path | None, devices: Devic
     total_steps = settings.num_steps()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings.warmup_steps, total_steps))
     step, tokens_seen, skipped = 0, 0, 0
+    best = BestEvaluation()
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
         _load_optimizer_state(raw_model, optimizer, state["optimizer"], sharded)
@@ -200,6 +208,7 @@ def _train_in(run: RunConfig, out: Path, checkpoint: Path | None, devices: Devic
         stream.load_state_dict(state["data"][devices.rank])
         _set_rng_states(state["rng"])
         step, tokens_seen, skipped = state["step"], state["tokens"], state["skipped"]
+        best = BestEvaluation(**state.get("best", {}))  # checkpoints written before it have none
         if step > total_steps:
             raise ValueError(
                 f"--resume: {checkpoint.name} is past the {total_steps} steps this run is now asked for; "
@@ -258,10 +267,16 @@ def _train_in(run: RunConfig, out: Path, checkpoint: Path | None, devices: Devic
             "grad_norm": grad_norm.item(),
             "epoch": stream.epoch,
         }
+        new_best, overfitting = False, None
         if step == total_steps or (settings.eval_every and step % settings.eval_every == 0):
             record.update(evaluate_heldout(raw_model, heldout, settings.batch_size, devices.device))
+            new_best, overfitting = best.update(step, record["eval_loss"])
+            if new_best:
+                record["eval_best"] = True  # metrics.jsonl: the last record with it is the best step
         logger.log(record)
-        if step % settings.save_every == 0 or step == total_steps:
+        if overfitting:
+            logger.note(overfitting)
+        if step % settings.save_every == 0 or step == total_steps or new_best:  # every best is a checkpoint
             _save(
                 out,
                 step,
@@ -271,6 +286,7 @@ def _train_in(run: RunConfig, out: Path, checkpoint: Path | None, devices: Devic
                 stream,
                 tokens_seen,
                 skipped,
+                best,
                 settings,
                 devices,
                 fault,
@@ -279,10 +295,41 @@ def _train_in(run: RunConfig, out: Path, checkpoint: Path | None, devices: Devic
 
     final_model = _gathered_model(raw_model, sharded, devices)
     if devices.is_main:
+        best_checkpoint = out / f"checkpoint-{best.step}"
+        if settings.save_best and best.step not in (None, step) and best_checkpoint.is_dir():
+            final_model = AttnLabForCausalLM.from_pretrained(best_checkpoint, use_safetensors=True)
+            logger.note(f"--save-best: the final model is step {best.step}'s (held-out loss {best.eval_loss:.4f})")
         _save_final(final_model, out)
     logger.close()
     devices.barrier()
     return out
+
+
+OVERFIT_MARGIN = 0.02  # nats above the best held-out loss that count as overfitting (more than evaluation noise)
+
+
+@dataclass
+class BestEvaluation:
+    """The lowest held-out loss so far and its step (kept in every checkpoint, so a resumed run goes on with it)."""
+
+    step: int | None = None
+    eval_loss: float = math.inf
+    overfitting_noted: bool = False
+
+    def update(self, step: int, eval_loss: float) -> tuple[bool, str | None]:
+        """Record one evaluation: (is it a new best, the overfitting line the first time the loss rises more
+        than `OVERFIT_MARGIN` above the best, else None)."""
+        if eval_loss < self.eval_loss:
+            self.step, self.eval_loss = step, eval_loss
+            return True, None
+        if self.overfitting_noted or eval_loss <= self.eval_loss + OVERFIT_MARGIN:
+            return False, None
+        self.overfitting_noted = True
+        return False, (
+            f"held-out loss {eval_loss:.4f} at step {step} is above its best, {self.eval_loss:.4f} at step "
+            f"{self.step}: the model is overfitting; checkpoint-{self.step} is kept, and --save-best makes it the "
+            "final model"
+        )
 
 
 def _next_batch(stream, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -567,7 +614,9 @@ fault_hooks = FaultHooks()
 # ----------------------------------------------------------------------------------------- checkpoints
 
 
-def _save(out, step, model, optimizer, scheduler, stream, tokens_seen, skipped, settings, devices, fault, sharded):
+def _save(
+    out, step, model, optimizer, scheduler, stream, tokens_seen, skipped, best, settings, devices, fault, sharded
+):
     data_states = [stream.state_dict()]
     if devices.world_size > 1:  # each rank's stream position; equal for finite corpora, distinct when streaming
         data_states = [None] * devices.world_size
@@ -581,13 +630,16 @@ def _save(out, step, model, optimizer, scheduler, stream, tokens_seen, skipped, 
             "step": step,
             "tokens": tokens_seen,
             "skipped": skipped,
+            "best": dataclasses.asdict(best),
             "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "data": data_states,
             "rng": _rng_states(),
         }
         after_weights = fault.kill_during_save(step)
-        save_checkpoint(out, step, full_model, state, settings.keep_checkpoints, after_weights=after_weights)
+        save_checkpoint(
+            out, step, full_model, state, settings.keep_checkpoints, after_weights=after_weights, protect=best.step
+        )
     devices.barrier()
 
 
@@ -722,8 +774,15 @@ class _Logger:
             print(f"step {record['step']}/{self.total_steps}: {summary}", file=sys.stderr, flush=True)
 
     def warn(self, message: str) -> None:
-        if self.enabled:
-            print(f"attnlab: warning: {message}", file=sys.stderr, flush=True)
+        self.note(f"warning: {message}")
+
+    def note(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.write(f"attnlab: {message}", file=sys.stderr)
+        else:
+            print(f"attnlab: {message}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if not self.enabled:

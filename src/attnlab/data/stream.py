@@ -8,6 +8,9 @@ Finite corpora (builtin, local files) — `PackedTrainStream`:
     next epoch's permutation. So W ranks calling `next_batch(b)` in step see exactly the sequences one
     process calling `next_batch(W·b)` sees, in the same order: no overlap, no gap. The state is that one
     cursor (the same on every rank), so rank 0's `state_dict()` resumes every rank, at any world size.
+    With `shifted_windows`, epoch e cuts the stream at its own offset o_e ∈ [0, seq_len) drawn from
+    `default_rng([seed, e, 1])` (epoch 0: o = 0) into N = (len − seq_len + 1) // seq_len windows, so the
+    sequences of later epochs are not the same token windows again (a small corpus is seen many times).
 
 Streaming corpora (`hf:`) — `StreamingTrainStream`:
     `datasets` streams the train split with its shard order shuffled by (seed, pass) and splits it across
@@ -78,15 +81,23 @@ def _check_same(state: dict, expected: dict) -> None:
 
 class PackedTrainStream(TrainStream):
     def __init__(
-        self, tokens: np.ndarray, seq_len: int, seed: int, rank: int = 0, world_size: int = 1, source: str = ""
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        source: str = "",
+        shifted_windows: bool = False,
     ):
-        self.num_sequences = len(tokens) // seq_len
+        self.shifted_windows = shifted_windows and len(tokens) >= 2 * seq_len - 1  # else one window: no shift
+        self.num_sequences = (len(tokens) - (seq_len - 1 if self.shifted_windows else 0)) // seq_len
         if self.num_sequences == 0:
             raise ValueError(
                 f"the train split of {source or 'the corpus'} has only {len(tokens)} tokens, fewer than one "
                 f"sequence of seq_len={seq_len}; use more data or a shorter --seq-len"
             )
-        self.sequences = tokens[: self.num_sequences * seq_len].reshape(self.num_sequences, seq_len)
+        self.tokens = tokens
         self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
         self.tokens_per_epoch = self.num_sequences * seq_len
         self.cursor = 0  # sequences consumed by all ranks together
@@ -105,21 +116,28 @@ class PackedTrainStream(TrainStream):
             self._permutations[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
         return self._permutations[epoch]
 
+    def window_offset(self, epoch: int) -> int:
+        """Where epoch `epoch` starts cutting the token stream into windows (0 unless `shifted_windows`)."""
+        if not self.shifted_windows or epoch == 0:
+            return 0
+        return int(np.random.default_rng([self.seed, epoch, 1]).integers(self.seq_len))
+
     def next_batch(self, batch_size: int) -> torch.LongTensor:
         _check_batch_size(batch_size)
         positions = self.cursor + self.rank * batch_size + np.arange(batch_size)
         epochs, offsets = np.divmod(positions, self.num_sequences)
-        rows = np.empty(batch_size, dtype=np.int64)
+        starts = np.empty(batch_size, dtype=np.int64)  # token positions of the windows
         for epoch in np.unique(epochs):  # a batch may straddle an epoch boundary (or several, if N is tiny)
             here = epochs == epoch
-            rows[here] = self.permutation(int(epoch))[offsets[here]]
+            starts[here] = self.window_offset(int(epoch)) + self.permutation(int(epoch))[offsets[here]] * self.seq_len
         self.cursor += self.world_size * batch_size
-        return torch.from_numpy(self.sequences[rows].astype(np.int64))
+        windows = self.tokens[starts[:, None] + np.arange(self.seq_len)]  # [batch, seq_len]
+        return torch.from_numpy(windows.astype(np.int64))
 
     def _tokens_fingerprint(self) -> str:
         if self._fingerprint is None:
             self._fingerprint = hashlib.blake2b(
-                np.ascontiguousarray(self.sequences).tobytes(), digest_size=8
+                np.ascontiguousarray(self.tokens[: self.num_sequences * self.seq_len]).tobytes(), digest_size=8
             ).hexdigest()
         return self._fingerprint
 
@@ -130,13 +148,14 @@ class PackedTrainStream(TrainStream):
             "seed": self.seed,
             "num_sequences": self.num_sequences,
             "tokens": self._tokens_fingerprint(),
+            "shifted_windows": self.shifted_windows,
         }
 
     def state_dict(self) -> dict:
         return {**self._identity(), "cursor": self.cursor, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        _check_same(state, self._identity())
+        _check_same({"shifted_windows": False, **state}, self._identity())  # states from before the option: False
         self.cursor = int(state["cursor"])
 
 
@@ -298,10 +317,11 @@ def make_train_stream(
     rank: int = 0,
     world_size: int = 1,
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    shifted_windows: bool = False,
 ) -> TrainStream:
     """This rank's stream of training batches (see the module docstring for the exact semantics).
 
-    `shuffle_buffer` (documents) applies to streaming corpora only.
+    `shuffle_buffer` (documents) applies to streaming corpora only, `shifted_windows` to finite ones.
     """
     if not isinstance(seq_len, Integral) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
@@ -312,4 +332,5 @@ def make_train_stream(
     seq_len, seed, rank, world_size = int(seq_len), int(seed), int(rank), int(world_size)
     if corpus.streaming:
         return StreamingTrainStream(corpus, tokenizer, seq_len, seed, rank, world_size, shuffle_buffer)
-    return PackedTrainStream(split_tokens(corpus, tokenizer, "train"), seq_len, seed, rank, world_size, corpus.spec)
+    tokens = split_tokens(corpus, tokenizer, "train")
+    return PackedTrainStream(tokens, seq_len, seed, rank, world_size, corpus.spec, shifted_windows)
