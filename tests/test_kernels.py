@@ -203,13 +203,15 @@ def test_blocked_steps_over_row_groups(monkeypatch, prefix, setting, value):
 
 
 def flex_or_skip(*args, **kwargs):
-    """Run flex_taylor_attention, skipping the test where this torch's FlexAttention cannot run it."""
+    """Run flex_taylor_attention, skipping the test only where this torch has no FlexAttention module (a failure
+    inside FlexAttention fails the test)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # eager FlexAttention warns that it is unfused
-            return flex_taylor_attention(*args, **kwargs)
-    except (ImportError, NotImplementedError, RuntimeError) as error:
-        pytest.skip(f"FlexAttention unavailable here: {type(error).__name__}: {error}")
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError as error:
+        pytest.skip(f"FlexAttention unavailable here: {error}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # eager FlexAttention warns that it is unfused
+        return flex_taylor_attention(*args, **kwargs)
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padding"])
