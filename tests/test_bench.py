@@ -14,9 +14,11 @@ from attnlab.bench import (
     bench_config,
     layer_cache_bytes,
     minor_page_faults,
+    model_forward_flops,
     new_cache,
     reset_resident_peak,
     run_bench,
+    shadow_rows,
     take_turns,
 )
 from attnlab.cli import build_parser, main
@@ -187,6 +189,24 @@ def test_analytic_costs_match_hand_counts():
         shared = cost(name)
         assert (shared.prefill_flops, shared.decode_flops_per_token, shared.cache_bytes) == (1056, 384, 608)
         assert shared.precompute_flops == 4096 and cost(name, cached=False).prefill_flops == 1824
+
+
+def test_the_training_flops_count_each_shadow_stream_up_to_its_last_reader():
+    """A shadow stream is one more batch-1 row through every active layer before the last that reads it."""
+    layers = ["standard", "rndembqk", "fixedseqqk", "rndembqk"]
+    config = tiny_config(num_hidden_layers=4, layers=layers)
+    assert shadow_rows(config) == [2, 2, 1, 0]  # ε up to layer 3 (layers 0–2), Emb(t_s) up to layer 2 (0–1)
+    assert shadow_rows(tiny_config(num_hidden_layers=4, layers=layers, skip_nonstandard=True)) == [0, 0, 0, 0]
+    assert shadow_rows(tiny_config(layers="uniform:standard")) == [0, 0]
+    batch, length, width = 3, 8, config.hidden_size
+
+    def mixer(name, rows):
+        return MIXERS[name].cost(config, rows, length, 4, cached=False).prefill_flops
+
+    feed_forward = 6 * length * width * config.intermediate_size  # per row and layer
+    expected = mixer("standard", 5) + mixer("rndembqk", 5) + mixer("fixedseqqk", 4) + mixer("rndembqk", 3)
+    expected += (5 + 5 + 4 + 3) * feed_forward + 2 * batch * length * width * config.vocab_size
+    assert model_forward_flops(config, batch, length) == expected
 
 
 @pytest.mark.skipif(minor_page_faults() is None, reason="the platform does not count page faults")

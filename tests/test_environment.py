@@ -110,14 +110,9 @@ def test_env_command_names_the_packages_that_differ_and_check_fails_on_them(tmp_
     assert capsys.readouterr().out.splitlines()[-1] == f"lock: {lock}: all 1 pinned packages that are installed match"
 
 
-def test_env_command_refuses_a_missing_lock_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "attnlab", "env", "--lock", str(tmp_path / "absent.lock")],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+def test_env_command_refuses_a_missing_lock_in_one_line(tmp_path, capsys):
+    assert main(["env", "--lock", str(tmp_path / "absent.lock")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"attnlab: error: cannot read the lock {tmp_path / 'absent.lock'}: No such file or directory"
     ]
 

@@ -93,11 +93,13 @@ def test_bad_input_gives_one_line_and_exit_status_2():
         "choose a head count that divides the width (or set head_dim explicitly)"
     ]
     assert "Traceback" not in result.stderr
-    huge = subprocess.run(
-        [sys.executable, "-m", "attnlab", "params", "--hidden-size", "100000000000"], capture_output=True, text=True
-    )
-    assert huge.returncode == 2 and len(huge.stderr.strip().splitlines()) == 1
-    assert huge.stderr.startswith("attnlab: error: cpu-tiny with hidden_size=100000000000: cannot build this model (")
+
+
+def test_a_model_too_large_to_build_is_one_line(capsys):
+    assert main(["params", "--hidden-size", "100000000000"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1
+    assert error.startswith("attnlab: error: cpu-tiny with hidden_size=100000000000: cannot build this model (")
 
 
 def test_meta_device_uses_no_memory():

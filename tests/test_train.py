@@ -86,6 +86,18 @@ def run_attnlab(args: list[str], fault: str | None = None, launcher: list[str] |
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
+def run_here(args: list[str], capfd) -> tuple[int, str]:
+    """`attnlab ARGS` in this process (a child spends seconds importing torch and transformers): the exit
+    status and everything written to stderr, file descriptor 2 included. The suite's one thread matches the
+    children's OMP_NUM_THREADS=1, so a run here reproduces a child's losses bit for bit."""
+    capfd.readouterr()
+    try:
+        status = main(args)
+    except SystemExit as exit_:
+        status = exit_.code
+    return status, capfd.readouterr().err
+
+
 def logged(out: Path, key: str) -> dict[int, float]:
     """Step → the value of `key` metrics.jsonl records for it."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -152,7 +164,7 @@ def test_resume_after_sigkill_reproduces_every_loss(corpus, uninterrupted, tmp_p
     assert losses(out) == losses(uninterrupted)  # bit-identical on CPU, steps 5..12 recomputed from step 4
 
 
-def test_a_crafted_trainer_state_is_refused_and_never_runs(corpus, uninterrupted, tmp_path):
+def test_a_crafted_trainer_state_is_refused_and_never_runs(corpus, uninterrupted, tmp_path, capfd):
     out = tmp_path / "crafted"
     shutil.copytree(uninterrupted, out)
     marker = tmp_path / "ran"
@@ -163,9 +175,9 @@ def test_a_crafted_trainer_state_is_refused_and_never_runs(corpus, uninterrupted
     content = state_file.read_bytes()
     manifest["files"]["trainer_state.pt"] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
     manifest_file.write_text(json.dumps(manifest))
-    resumed = run_attnlab(tiny_train_args(corpus, out, "--resume", "--max-steps", "16"))
-    assert resumed.returncode == 2 and not marker.exists()
-    assert resumed.stderr.strip().splitlines() == [
+    status, stderr = run_here(tiny_train_args(corpus, out, "--resume", "--max-steps", "16"), capfd)
+    assert status == 2 and not marker.exists()
+    assert stderr.strip().splitlines() == [
         f"attnlab: error: {state_file} holds Python objects other than tensors and plain values; attnlab does not "
         "unpickle them (that could run code). It was not written by attnlab: resume from a checkpoint you trust"
     ]
@@ -201,35 +213,35 @@ def test_an_unrelated_folder_is_refused_and_kept_byte_for_byte(corpus, tmp_path,
     assert all((out / name).read_bytes() == content for name, content in files.items())
 
 
-def test_overwrite_replaces_attnlab_files_only(corpus, uninterrupted, tmp_path):
+def test_overwrite_replaces_attnlab_files_only(corpus, uninterrupted, tmp_path, capfd):
     out = tmp_path / "again"
     shutil.copytree(uninterrupted, out)
     (out / "notes.txt").write_text("mine\n")
-    refused = run_attnlab(tiny_train_args(corpus, out, "--max-steps", "4"))
-    assert refused.returncode == 2 and "pass --resume to continue it, --overwrite to replace it" in refused.stderr
-    replaced = run_attnlab(tiny_train_args(corpus, out, "--max-steps", "4", "--overwrite"))
-    assert replaced.returncode == 0, replaced.stderr
+    status, stderr = run_here(tiny_train_args(corpus, out, "--max-steps", "4"), capfd)
+    assert status == 2 and "pass --resume to continue it, --overwrite to replace it" in stderr
+    status, stderr = run_here(tiny_train_args(corpus, out, "--max-steps", "4", "--overwrite"), capfd)
+    assert status == 0, stderr
     assert (out / "notes.txt").read_text() == "mine\n"
     assert sorted(losses(out)) == [1, 2, 3, 4] and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
-    both = run_attnlab(tiny_train_args(corpus, out, "--resume", "--overwrite"))
-    assert both.returncode == 2 and "pass one of them" in both.stderr
+    status, stderr = run_here(tiny_train_args(corpus, out, "--resume", "--overwrite"), capfd)
+    assert status == 2 and "pass one of them" in stderr
 
 
-def test_a_second_writer_fails_at_once_and_the_first_keeps_its_run(corpus, uninterrupted, tmp_path):
+def test_a_second_writer_fails_at_once_and_the_first_keeps_its_run(corpus, uninterrupted, tmp_path, capfd):
     out, release = tmp_path / "busy", tmp_path / "release"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     held = [sys.executable, str(FAULTY_ATTNLAB), f"wait-at-step:6:{release}", *tiny_train_args(corpus, out)]
     first = subprocess.Popen(held, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         wait_for(lambda: logged_steps(out) == 5, "the first run logged step 5 and waited before step 6", first)
-        second = run_attnlab(tiny_train_args(corpus, out))
-        assert second.returncode == 2
-        assert second.stderr.strip().splitlines() == [
+        status, stderr = run_here(tiny_train_args(corpus, out), capfd)
+        assert status == 2
+        assert stderr.strip().splitlines() == [
             f"attnlab: error: {out} is in use by another attnlab process (PID {first.pid}); wait for it to end, "
             "or choose another folder"
         ]
-        resumed = run_attnlab(tiny_train_args(corpus, out, "--resume"))
-        assert resumed.returncode == 2 and f"(PID {first.pid})" in resumed.stderr
+        status, stderr = run_here(tiny_train_args(corpus, out, "--resume"), capfd)
+        assert status == 2 and f"(PID {first.pid})" in stderr
     finally:
         release.touch()
         _, stderr = first.communicate(timeout=600)
@@ -239,21 +251,21 @@ def test_a_second_writer_fails_at_once_and_the_first_keeps_its_run(corpus, unint
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "trainer_state.pt"])
 def test_resume_skips_a_damaged_newest_checkpoint_and_matches_the_uninterrupted_run(
-    corpus, uninterrupted, tmp_path, damaged
+    corpus, uninterrupted, tmp_path, capfd, damaged
 ):
     out = tmp_path / "damaged"
     shutil.copytree(uninterrupted, out)
     newest = out / "checkpoint-12" / damaged
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a copy or a save cut off
-    resumed = run_attnlab(tiny_train_args(corpus, out, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr
+    status, stderr = run_here(tiny_train_args(corpus, out, "--resume"), capfd)
+    assert status == 0, stderr
     size = (uninterrupted / "checkpoint-12" / damaged).stat().st_size
     expected = f"checkpoint-12 is damaged ({damaged} has {size // 2} bytes, {size} written); skipping it"
-    assert f"attnlab: {expected}" in resumed.stderr.splitlines()
+    assert f"attnlab: {expected}" in stderr.splitlines()
     assert losses(out) == losses(uninterrupted)  # steps 9..12 recomputed from checkpoint-8, bit for bit
 
 
-def test_a_full_disk_while_saving_gives_one_line_and_a_resumable_folder(corpus, uninterrupted, tmp_path):
+def test_a_full_disk_while_saving_gives_one_line_and_a_resumable_folder(corpus, uninterrupted, tmp_path, capfd):
     out = tmp_path / "full"
     full = run_attnlab(tiny_train_args(corpus, out), fault="enospc-during-save:8")
     assert full.returncode == 1
@@ -264,19 +276,19 @@ def test_a_full_disk_while_saving_gives_one_line_and_a_resumable_folder(corpus, 
     assert not list(out.glob(".checkpoint-*")) and not (out / "checkpoint-8").exists()
     with (out / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"step": 9, "lo')  # and the metrics line being written when the disk filled up
-    resumed = run_attnlab(tiny_train_args(corpus, out, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"attnlab: {out / 'metrics.jsonl'}: dropped its torn last line (a write that was cut off)" in resumed.stderr
+    status, stderr = run_here(tiny_train_args(corpus, out, "--resume"), capfd)
+    assert status == 0, stderr
+    assert f"attnlab: {out / 'metrics.jsonl'}: dropped its torn last line (a write that was cut off)" in stderr
     assert losses(out) == losses(uninterrupted)
 
 
-def test_resume_refuses_what_it_cannot_continue_without_changing_anything(corpus, uninterrupted, tmp_path):
+def test_resume_refuses_what_it_cannot_continue_without_changing_anything(corpus, uninterrupted, tmp_path, capfd):
     out = tmp_path / "finished"
     shutil.copytree(uninterrupted, out)
     before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
-    fewer = run_attnlab(tiny_train_args(corpus, out, "--resume", "--max-steps", "8"))
-    assert fewer.returncode == 2
-    assert fewer.stderr.strip().splitlines() == [
+    status, stderr = run_here(tiny_train_args(corpus, out, "--resume", "--max-steps", "8"), capfd)
+    assert status == 2
+    assert stderr.strip().splitlines() == [
         "attnlab: error: --resume: checkpoint-12 is past the 8 steps this run is now asked for; give a larger "
         "--max-steps (or --tokens) to train on, nothing was changed"
     ]
@@ -284,21 +296,21 @@ def test_resume_refuses_what_it_cannot_continue_without_changing_anything(corpus
     assert after == {path: content for path, content in before.items() if path.name != ".attnlab.lock"}
     for text, message in [("[unclosed", "is not valid YAML"), ("just a string\n", "has no 'model:' and 'train:'")]:
         (out / "run_config.yaml").write_text(text)
-        broken = run_attnlab(tiny_train_args(corpus, out, "--resume"))
-        assert broken.returncode == 2 and len(broken.stderr.strip().splitlines()) == 1, broken.stderr
-        assert message in broken.stderr and "Traceback" not in broken.stderr
+        status, stderr = run_here(tiny_train_args(corpus, out, "--resume"), capfd)
+        assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert message in stderr
 
 
-def test_activation_checkpointing_trains_the_same_model(corpus, uninterrupted, tmp_path):
+def test_activation_checkpointing_trains_the_same_model(corpus, uninterrupted, tmp_path, capfd):
     """Recomputing each layer in backward changes memory, not arithmetic: the same loss at every step."""
     out = tmp_path / "checkpointed"
-    result = run_attnlab(tiny_train_args(corpus, out, "--activation-checkpointing"))
-    assert result.returncode == 0, result.stderr
+    status, stderr = run_here(tiny_train_args(corpus, out, "--activation-checkpointing"), capfd)
+    assert status == 0, stderr
     assert losses(out) == losses(uninterrupted)
     assert yaml.safe_load((out / "run_config.yaml").read_text())["train"]["activation_checkpointing"] is True
 
 
-def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(corpus, uninterrupted, tmp_path):
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(corpus, uninterrupted, tmp_path, capfd):
     out = tmp_path / "killed-saving"
     killed = run_attnlab(tiny_train_args(corpus, out), fault="kill-during-save:8")
     assert killed.returncode == -signal.SIGKILL
@@ -306,8 +318,8 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(corpus, unint
     assert (half_written / "model.safetensors").is_file()
     assert not (out / "checkpoint-8").exists()
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-4")  # the previous one still loads
-    resumed = run_attnlab(tiny_train_args(corpus, out, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr
+    status, stderr = run_here(tiny_train_args(corpus, out, "--resume"), capfd)
+    assert status == 0, stderr
     assert not list(out.glob(".checkpoint-*.tmp"))
     assert losses(out) == losses(uninterrupted)
 
@@ -411,42 +423,50 @@ def test_paper_presets_carry_the_paper_hyperparameters():
 # ------------------------------------------------------------------------------------------ bad input
 
 
-def bad_input_cases(corpus: Path, tmp_path: Path) -> list[tuple[list[str], str]]:
-    malformed = tmp_path / "bad.jsonl"
-    malformed.write_text('{"text": "fine"}\n{"text": broken\n')
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")
-    return [
-        (["--layers", "uniform:attention"], "unknown mixer 'attention'"),
-        (
-            ["--layers", "standard,mlp", "--num-hidden-layers", "3"],
-            "names 2 mixers but the model has num_hidden_layers=3",
-        ),
-        (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
-        (["--data", str(empty)], "empty.txt"),
-        (["--data", str(malformed)], "line 2"),
-        (["--seq-len", "512"], "exceeds the model's max_position_embeddings=256"),
-        (["--global-batch-size", "6"], "not a multiple of batch_size"),
-        (["--num-attention-heads", "3"], "does not divide hidden_size"),
+BAD_INPUTS = [  # (extra arguments, with {tmp} for the test's folder; what the one line says)
+    (["--layers", "uniform:attention"], "unknown mixer 'attention'"),
+    (["--layers", "standard,mlp", "--num-hidden-layers", "3"], "names 2 mixers but the model has num_hidden_layers=3"),
+    (["--data", "{tmp}/missing.jsonl"], "missing.jsonl"),
+    (["--data", "{tmp}/empty.txt"], "empty.txt"),
+    (["--data", "{tmp}/bad.jsonl"], "line 2"),
+    (["--seq-len", "512"], "exceeds the model's max_position_embeddings=256"),
+    (["--global-batch-size", "6"], "not a multiple of batch_size"),
+    (["--num-attention-heads", "3"], "does not divide hidden_size"),
+]
+
+
+def bad_input_args(corpus: Path, tmp_path: Path, extra: list[str]) -> list[str]:
+    """The training arguments of a BAD_INPUTS case, with its empty and malformed data files written."""
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (tmp_path / "empty.txt").write_text("")
+    return tiny_train_args(corpus, tmp_path / "out", *(argument.format(tmp=tmp_path) for argument in extra))
+
+
+@pytest.mark.parametrize(("extra", "expected"), BAD_INPUTS, ids=[expected for _, expected in BAD_INPUTS])
+def test_bad_input_gives_one_line_and_exit_status_2(corpus, tmp_path, capfd, extra, expected):
+    status, stderr = run_here(bad_input_args(corpus, tmp_path, extra), capfd)
+    lines = stderr.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and expected in lines[0], (status, lines)
+
+
+def test_bad_input_ends_a_fresh_process_with_one_line_and_no_traceback(corpus, tmp_path):
+    """The same path as a user's shell meets it: a malformed data file, found while loading the data."""
+    extra, expected = BAD_INPUTS[4]
+    result = run_attnlab(bad_input_args(corpus, tmp_path, extra))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_unknown_preset_and_resume_mismatch_are_one_line_errors(corpus, uninterrupted, tmp_path, capfd):
+    cases = [
+        (["train", "--preset", "paper-7b"], "invalid choice: 'paper-7b' (choose from 'cpu-tiny'"),
+        (tiny_train_args(corpus, uninterrupted, "--resume", "--lr", "0.5"), "cannot resume"),
+        (tiny_train_args(corpus, uninterrupted), "already holds a run"),  # a finished run is not overwritten
+        (tiny_train_args(corpus, tmp_path / "nothing", "--resume"), "holds no run"),
     ]
-
-
-def test_bad_input_gives_one_line_and_exit_status_2(corpus, tmp_path):
-    for index, (extra, expected) in enumerate(bad_input_cases(corpus, tmp_path)):
-        result = run_attnlab(tiny_train_args(corpus, tmp_path / f"bad-{index}", *extra))
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2, (extra, result.stderr)
-        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, (extra, lines)
-
-
-def test_unknown_preset_and_resume_mismatch_are_one_line_errors(corpus, uninterrupted, tmp_path, capsys):
-    assert run_attnlab(["train", "--preset", "paper-7b"]).returncode == 2
-    assert main(tiny_train_args(corpus, uninterrupted, "--resume", "--lr", "0.5")) == 2
-    assert "cannot resume" in capsys.readouterr().err
-    assert main(tiny_train_args(corpus, uninterrupted)) == 2  # a finished run is not overwritten
-    assert "already holds a run" in capsys.readouterr().err
-    assert main(tiny_train_args(corpus, tmp_path / "nothing", "--resume")) == 2
-    assert "holds no run" in capsys.readouterr().err
+    for args, message in cases:
+        status, stderr = run_here(args, capfd)
+        assert status == 2 and len(stderr.strip().splitlines()) == 1 and message in stderr, (args, stderr)
 
 
 @pytest.mark.parametrize(
@@ -514,19 +534,19 @@ def test_ctrl_c_stops_training_with_one_line(corpus, tmp_path):
     )
 
 
-def test_a_run_that_saved_nothing_starts_again(corpus, uninterrupted, tmp_path):
+def test_a_run_that_saved_nothing_starts_again(corpus, uninterrupted, tmp_path, capfd):
     """Bad input found after the folder was claimed, or a kill before the first checkpoint, leaves a run
     that saved nothing: neither a plain rerun nor --resume refuses its folder, and the run that follows is
     the uninterrupted run, with none of the aborted attempts' metrics."""
     out = tmp_path / "retry"
     missing = tiny_train_args(corpus, out, "--data", str(tmp_path / "missing.jsonl"))  # found once data is opened
-    assert run_attnlab(missing).returncode == 2
+    assert run_here(missing, capfd)[0] == 2
     assert (out / "run_config.yaml").exists()
     killed = run_attnlab(tiny_train_args(corpus, out), fault="kill-at-step:3")  # --save-every 4
     assert killed.returncode == -signal.SIGKILL and "starting it from the beginning" in killed.stderr
     assert (out / "metrics.jsonl").exists() and not list(out.glob("checkpoint-*"))
-    result = run_attnlab(tiny_train_args(corpus, out, "--resume"))
-    assert result.returncode == 0, result.stderr
+    status, stderr = run_here(tiny_train_args(corpus, out, "--resume"), capfd)
+    assert status == 0, stderr
     assert losses(out) == losses(uninterrupted)
 
 

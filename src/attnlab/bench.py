@@ -60,7 +60,7 @@ from .cache import AttnLabCache, RecurrentStateLayer
 from .config import MIXER_NAMES, AttnLabConfig
 from .environment import versions
 from .mixers import MIXERS
-from .model import AttnLabForCausalLM
+from .model import SHADOW_SOURCES, AttnLabForCausalLM
 from .presets import model_options
 from .runconfig import write_text_atomic
 
@@ -81,7 +81,7 @@ TRAIN_MEMORY_METHOD = {
 }
 TRAIN_FLOPS_NOTE = (
     "training FLOPs = 3 × the forward's (forward + backward), the forward's mixers from `Mixer.cost(cached=False)`; "
-    "the factor 3 cancels in the ratios"
+    "a shadow stream is one more row through the layers before its last reader; the factor 3 cancels in the ratios"
 )
 
 
@@ -317,18 +317,40 @@ def step_peak_memory(step: Callable[[torch.Tensor], float], batch: torch.Tensor,
     return _resident_bytes("VmHWM") - before
 
 
+def _active_layers(config: AttnLabConfig) -> list[bool]:
+    return [not config.skip_nonstandard or name == "standard" for name in config.mixer_types]
+
+
+def shadow_rows(config: AttnLabConfig) -> list[int]:
+    """Per layer, the batch-1 shadow streams one training forward runs through it: each rndembqk/fixedseqqk
+    source's stream passes every active layer before the last layer that reads it (`AttnLabModel._shadow_stream`
+    and `_with_shadow_row`); that last layer's W_q, W_k and map are in its mixer's cost."""
+    active = _active_layers(config)
+    rows = [0] * len(active)
+    for source in SHADOW_SOURCES:
+        readers = [i for i, name in enumerate(config.mixer_types) if active[i] and MIXERS[name].qk_source == source]
+        for i in range(max(readers, default=0)):
+            rows[i] += int(active[i])
+    return rows
+
+
 def mixer_forward_flops(config: AttnLabConfig, batch: int, seq_len: int) -> int:
-    """FLOPs of every layer's mixer in one training forward (`Mixer.cost`, cached=False)."""
-    return sum(MIXERS[name].cost(config, batch, seq_len, 4, cached=False).prefill_flops for name in config.mixer_types)
+    """FLOPs of every active layer's mixer in one training forward (`Mixer.cost`, cached=False), the shadow
+    streams' rows (`shadow_rows`) included."""
+    return sum(
+        MIXERS[name].cost(config, batch + extra, seq_len, 4, cached=False).prefill_flops
+        for name, extra, active in zip(config.mixer_types, shadow_rows(config), _active_layers(config))
+        if active
+    )
 
 
 def model_forward_flops(config: AttnLabConfig, batch: int, seq_len: int) -> int:
-    """Matmul FLOPs of one training forward: every layer's mixer (`mixer_forward_flops`), its SwiGLU
-    (6·d·intermediate per token) and the LM head (2·d·vocab per token). Embedding lookups, norms and the
-    rndembqk/fixedseqqk shadow stream (a batch-1 pass) are not counted."""
-    tokens = batch * seq_len
-    feed_forward = config.num_hidden_layers * 6 * tokens * config.hidden_size * config.intermediate_size
-    head = 2 * tokens * config.hidden_size * config.vocab_size
+    """Matmul FLOPs of one training forward: every active layer's mixer (`mixer_forward_flops`) and SwiGLU
+    (6·d·intermediate per token), for the batch and the shadow streams' rows (`shadow_rows`), and the LM
+    head (2·d·vocab per token of the batch). Embedding lookups and norms are not counted."""
+    layer_rows = sum(batch + extra for extra, active in zip(shadow_rows(config), _active_layers(config)) if active)
+    feed_forward = 6 * layer_rows * seq_len * config.hidden_size * config.intermediate_size
+    head = 2 * batch * seq_len * config.hidden_size * config.vocab_size
     return mixer_forward_flops(config, batch, seq_len) + feed_forward + head
 
 
