@@ -330,7 +330,8 @@ def shadow_rows(config: AttnLabConfig) -> list[int]:
     for source in SHADOW_SOURCES:
         readers = [i for i, name in enumerate(config.mixer_types) if active[i] and MIXERS[name].qk_source == source]
         for i in range(max(readers, default=0)):
-            rows[i] += int(active[i])
+            if active[i]:
+                rows[i] += 1
     return rows
 
 
