@@ -172,7 +172,7 @@ def main() -> None:
     if args.out.exists():
         raise SystemExit(f"quality_per_minute: error: {args.out} exists; give a new folder")
     story_start = args.story_start
-    if story_start is None and Path(args.corpus).resolve() == SHARED_TINYSTORIES:
+    if story_start is None and Path(args.corpus).resolve() == SHARED_TINYSTORIES.resolve():
         story_start = TINYSTORIES_STORY_START
     torch.set_num_threads(args.threads)
 

@@ -1,4 +1,4 @@
-"""Attention indicators (spec §6) on hand-built maps, streaming activation statistics, and `analyze_models`
+"""Attention indicators (docs/method.md §6) on hand-built maps, streaming activation statistics, and `analyze_models`
 end to end against an independent float64 computation from the model's own inspection outputs."""
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from attnlab.analysis import (
     accumulate_layers,
     analyze_models,
     attention_indicators,
-    checkpoint_labels,
     concentration,
     entropy,
     head_diversity,
@@ -26,6 +25,7 @@ from attnlab.analysis import (
     min_max_normalise,
     sink,
 )
+from attnlab.checkpoint import checkpoint_labels
 from attnlab.data import build_tokenizer, heldout_sequences, open_corpus
 
 from .conftest import tiny_config

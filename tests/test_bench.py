@@ -22,9 +22,8 @@ from attnlab.bench import (
     take_turns,
 )
 from attnlab.cli import build_parser, main
-from attnlab.config import MIXER_NAMES
 from attnlab.environment import installed_version
-from attnlab.mixers import MIXERS
+from attnlab.mixers import BUILTIN_MIXERS, get_mixer
 
 from .conftest import tiny_config
 
@@ -139,7 +138,7 @@ def test_bench_cli_rejects_unknown_mixer(tmp_path, capsys):
     assert error.startswith("attnlab: error:") and "nope" in error and "\n" not in error
 
 
-@pytest.mark.parametrize("mixer", MIXER_NAMES)
+@pytest.mark.parametrize("mixer", BUILTIN_MIXERS)
 def test_measured_cache_bytes_equal_the_formula(mixer):
     config = tiny_config(layers=f"uniform:{mixer}", num_key_value_heads=2)  # GQA: d_kv ≠ d
     torch.manual_seed(0)
@@ -150,10 +149,10 @@ def test_measured_cache_bytes_equal_the_formula(mixer):
     with torch.no_grad():
         model(ids[:, :context], cache=cache, use_cache=True)
         measured = [layer_cache_bytes(layer) for layer in cache.layers]
-        assert measured == [MIXERS[mixer].cost(config, batch, context, dtype_bytes=4).cache_bytes] * 2
+        assert measured == [get_mixer(mixer).cost(config, batch, context, dtype_bytes=4).cache_bytes] * 2
         model(ids[:, context:], cache=cache, use_cache=True)  # one decode step
         measured = [layer_cache_bytes(layer) for layer in cache.layers]
-        assert measured == [MIXERS[mixer].cost(config, batch, context + 1, dtype_bytes=4).cache_bytes] * 2
+        assert measured == [get_mixer(mixer).cost(config, batch, context + 1, dtype_bytes=4).cache_bytes] * 2
 
 
 def test_analytic_costs_match_hand_counts():
@@ -163,11 +162,11 @@ def test_analytic_costs_match_hand_counts():
     assert config.mlp_mixer_size == 12
 
     def cost(name, **options):
-        return MIXERS[name].cost(config, 1, 3, **options)
+        return get_mixer(name).cost(config, 1, 3, **options)
 
     for name in ("standard", "staticembqk"):
         # prefill 1536 + QKᵀ and AV, dense: 2 heads · 2·(3·3·4) · 2 = 288; decode 512 + 2 heads · 2·2·(4 keys · 4)
-        assert cost(name) == MIXERS[name].cost(config, 1, 3)
+        assert cost(name) == get_mixer(name).cost(config, 1, 3)
         assert (cost(name).prefill_flops, cost(name).decode_flops_per_token, cost(name).cache_bytes) == (1824, 640, 96)
     mlp = cost("mlp")  # 6·3·8·12, 6·8·12, nothing cached
     assert (mlp.prefill_flops, mlp.decode_flops_per_token, mlp.cache_bytes) == (1728, 576, 0)
@@ -201,7 +200,7 @@ def test_the_training_flops_count_each_shadow_stream_up_to_its_last_reader():
     batch, length, width = 3, 8, config.hidden_size
 
     def mixer(name, rows):
-        return MIXERS[name].cost(config, rows, length, 4, cached=False).prefill_flops
+        return get_mixer(name).cost(config, rows, length, 4, cached=False).prefill_flops
 
     feed_forward = 6 * length * width * config.intermediate_size  # per row and layer
     expected = mixer("standard", 5) + mixer("rndembqk", 5) + mixer("fixedseqqk", 4) + mixer("rndembqk", 3)
@@ -312,7 +311,7 @@ def test_the_train_section_at_two_lengths(tmp_path):
             config = bench_config(settings, f"uniform:{name}")[0]
             layers, tokens, width = config.num_hidden_layers, batch * length, config.hidden_size
             mixer = {
-                mixer_name: MIXERS[mixer_name].cost(config, batch, length, cached=False).prefill_flops
+                mixer_name: get_mixer(mixer_name).cost(config, batch, length, cached=False).prefill_flops
                 for mixer_name in ("standard", name)
             }
             mixer_ratio = mixer["standard"] / mixer[name]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from attnlab import MIXER_NAMES, AttnLabConfig, resolve_layer_pattern
+from attnlab import BUILTIN_MIXERS, AttnLabConfig, resolve_layer_pattern
 
 S = "standard"
 
@@ -18,7 +18,7 @@ def test_default_is_all_standard():
     assert resolve_layer_pattern(None, 3) == [S, S, S]
 
 
-@pytest.mark.parametrize("mixer", MIXER_NAMES)
+@pytest.mark.parametrize("mixer", BUILTIN_MIXERS)
 def test_uniform(mixer):
     assert resolve_layer_pattern(f"uniform:{mixer}", 5) == [mixer] * 5
 
@@ -86,7 +86,7 @@ def test_bad_patterns_raise_actionable_errors(pattern, depth, message):
 def test_unknown_mixer_error_lists_the_valid_mixers():
     with pytest.raises(ValueError) as error:
         resolve_layer_pattern("uniform:softmax", 2)
-    assert all(name in str(error.value) for name in MIXER_NAMES)
+    assert all(name in str(error.value) for name in BUILTIN_MIXERS)
 
 
 def test_config_resolves_layers_into_mixer_types():

@@ -77,7 +77,7 @@ def inspect(model: AttnLabForCausalLM, ids: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Independent float64 reference (spec §2-3)
+# Independent float64 reference (docs/method.md §2-3)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -209,7 +209,7 @@ def shadow_stream_inputs(model: AttnLabForCausalLM, x0: torch.Tensor, mixer: str
 
 
 def expected_layer(model, layer_idx: int, hidden_states, shadow: dict):
-    """(map A [batch or 1, heads, L, L] or None, pre-softmax scores or None) of layer `layer_idx` per spec §3."""
+    """(map A [batch or 1, heads, L, L] or None, scores or None) of layer `layer_idx`, by docs/method.md §3."""
     config = model.config
     layer = model.model.layers[layer_idx]
     attn, kind = layer.self_attn, layer.mixer_type
@@ -278,7 +278,7 @@ def assert_maps_match(model, out, seq_len: int) -> None:
 
 
 def spec_logits(model: AttnLabForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
-    """The whole forward per spec §2-3 in float64, from the token ids alone: [batch, seq, vocab].
+    """The whole forward per docs/method.md §2-3 in float64, from the token ids alone: [batch, seq, vocab].
 
     Each layer's map comes from `expected_layer` on the hidden states computed here (not the model's), is
     applied by `block`, and the final norm and LM head follow.
@@ -311,7 +311,7 @@ def assert_attention_matters(attentions: tuple[torch.Tensor | None, ...]) -> Non
 
 @pytest.mark.parametrize("mixer", ALL_MIXERS)
 def test_uniform_maps_match_spec_formula(mixer):
-    """Uniform models: each layer's attentions and mixer_scores equal the mixer's formula (spec §3)."""
+    """Uniform models: each layer's attentions and mixer_scores equal the mixer's formula (docs/method.md §3)."""
     model = make_model(f"uniform:{mixer}", num_hidden_layers=3)
     ids = make_ids()
     out = inspect(model, ids)

@@ -1,4 +1,4 @@
-"""The Taylor attention kernels (attnlab.kernels.taylor) against the explicit forms of spec §3's `approximate`.
+"""The Taylor attention kernels (attnlab.kernels.taylor) against the explicit `approximate` of docs/method.md §3.
 
 Every fast path must be the same function as `reference_taylor_attention` (explicit L×L, float32) in outputs and
 in gradients w.r.t. q, k and v: in float64 against the same explicit formula evaluated in float64 (round-off only,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from attnlab import MIXER_NAMES, AttnLabConfig, AttnLabForCausalLM
+from attnlab import BUILTIN_MIXERS, AttnLabConfig, AttnLabForCausalLM
 from attnlab.losses import fused_causal_lm_loss, reference_causal_lm_loss
 
 VOCAB, WIDTH = 53, 24
@@ -153,7 +153,7 @@ def model_loss_and_grads(model, input_ids, labels, **kwargs):
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("mixer", MIXER_NAMES)
+@pytest.mark.parametrize("mixer", BUILTIN_MIXERS)
 def test_model_fused_loss_equals_logits_loss(mixer, tie):
     """`return_logits=False` gives the loss of the default path and the same gradient for every parameter."""
     model = make_model(f"uniform:{mixer}", tie)

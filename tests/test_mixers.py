@@ -1,4 +1,4 @@
-"""Properties of the seven mixers (spec §3) inside real tiny attnlab models.
+"""Properties of the seven mixers (docs/method.md §3) inside real tiny attnlab models.
 
 Every model here is tiny (vocab 97, width 32, 4 heads) and initialised with a larger weight scale than the
 training default (plus random biases and norm gains), so that pre-softmax scores are O(1) and the mixing
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlab import MIXER_NAMES, AttnLabConfig, AttnLabForCausalLM
+from attnlab import BUILTIN_MIXERS, AttnLabConfig, AttnLabForCausalLM
 from attnlab.kernels import taylor
 from attnlab.mixers import nonapprox, standard
 from attnlab.runconfig import TrainConfig
@@ -32,7 +32,7 @@ MAX_LEN = 64
 IMPLEMENTATIONS = ("fast", "reference")
 SHADOW_MIXERS = ("rndembqk", "fixedseqqk")
 # Mixers whose map depends only on the input and on relative positions (RoPE, or no positions at all).
-INPUT_DEPENDENT_MIXERS = tuple(name for name in MIXER_NAMES if name not in SHADOW_MIXERS)
+INPUT_DEPENDENT_MIXERS = tuple(name for name in BUILTIN_MIXERS if name not in SHADOW_MIXERS)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -164,7 +164,7 @@ SHAPES = [
     Shape(2, 12, 2, qk_norm=True),  # Qwen3-style QK-norm
 ]
 PATTERNS = [
-    *(f"uniform:{name}" for name in MIXER_NAMES),
+    *(f"uniform:{name}" for name in BUILTIN_MIXERS),
     "hybrid:approximate",
     "hybrid:nonapprox",
     "hybrid:fixedseqqk",
@@ -202,7 +202,7 @@ def test_fast_path_matches_reference(layers, shape):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("mixer", MIXER_NAMES)
+@pytest.mark.parametrize("mixer", BUILTIN_MIXERS)
 def test_padded_fast_matches_reference(mixer, side):
     """With a 2-D attention mask, fast and reference paths agree on every real token's logits."""
     model = make_model(f"uniform:{mixer}", chunk_size=4)
@@ -216,7 +216,7 @@ def test_padded_fast_matches_reference(mixer, side):
 
 @pytest.mark.parametrize(
     "mixer, side",
-    [(name, "right") for name in MIXER_NAMES] + [(name, "left") for name in INPUT_DEPENDENT_MIXERS],
+    [(name, "right") for name in BUILTIN_MIXERS] + [(name, "left") for name in INPUT_DEPENDENT_MIXERS],
 )
 def test_padded_rows_match_unpadded(mixer, side):
     """A padded row's real-token logits equal those of the row run alone (both paths).
@@ -238,7 +238,7 @@ def test_padded_rows_match_unpadded(mixer, side):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("form", ["uniform", "hybrid"])
-@pytest.mark.parametrize("mixer", MIXER_NAMES)
+@pytest.mark.parametrize("mixer", BUILTIN_MIXERS)
 def test_causality(mixer, form, implementation):
     """Changing the token at position t leaves the logits at positions < t unchanged."""
     model = make_model(f"{form}:{mixer}", chunk_size=4)
@@ -626,7 +626,7 @@ def test_thirty_training_steps_of_the_fast_paths_match_the_explicit_path(layers,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA fast paths (FlexAttention, SDPA on the GPU)")
-@pytest.mark.parametrize("mixer", MIXER_NAMES)
+@pytest.mark.parametrize("mixer", BUILTIN_MIXERS)
 def test_cuda_fast_path_matches_reference(mixer):
     """On CUDA, in float32 (TF32 off), the fast path (FlexAttention for approximate, the GPU's SDPA, the
     vectorised prefix softmax) gives the reference path's logits and gradients, full and right-padded; under

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from attnlab import MIXER_NAMES, AttnLabForCausalLM
+from attnlab import BUILTIN_MIXERS, AttnLabForCausalLM
 from attnlab.cache import CACHE_NAME
 from attnlab.export import to_qwen2, to_qwen3
 from attnlab.model import default_fixed_sequence, default_shadow_noise
@@ -76,7 +76,7 @@ def test_explicit_position_ids_reach_rope_as_in_qwen2():
 
 def test_default_position_ids_given_explicitly_change_nothing():
     """position_ids = 0..L−1, for one row or every row, is the default, for a stack with every mixer."""
-    model = attentive_model(mixer_types=list(MIXER_NAMES), num_hidden_layers=len(MIXER_NAMES))
+    model = attentive_model(mixer_types=list(BUILTIN_MIXERS), num_hidden_layers=len(BUILTIN_MIXERS))
     input_ids = torch.randint(0, model.config.vocab_size, (2, 12))
     positions = torch.arange(12)
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_default_position_ids_given_explicitly_change_nothing():
 def test_inputs_embeds_equal_looked_up_input_ids():
     """forward(inputs_embeds=Emb(ids)) is forward(ids) on both paths, for a stack with one layer of every mixer
     (staticembqk takes its queries and keys from these embeddings), and generate continues them alike."""
-    model = attentive_model(mixer_types=list(MIXER_NAMES), num_hidden_layers=len(MIXER_NAMES))
+    model = attentive_model(mixer_types=list(BUILTIN_MIXERS), num_hidden_layers=len(BUILTIN_MIXERS))
     input_ids = torch.randint(0, model.config.vocab_size, (2, 12))
     with torch.no_grad():
         inputs_embeds = model.get_input_embeddings()(input_ids)  # [batch, seq, hidden]
@@ -213,7 +213,7 @@ def test_set_fixed_sequence_validates_its_input():
         AttnLabForCausalLM(tiny_config()).model.set_fixed_sequence(torch.zeros(48), source="x")
 
 
-@pytest.mark.parametrize("mixer", MIXER_NAMES)
+@pytest.mark.parametrize("mixer", BUILTIN_MIXERS)
 def test_from_config_works_for_every_mixer(mixer):
     model = AutoModelForCausalLM.from_config(tiny_config(layers=f"uniform:{mixer}"))
     logits = model(torch.randint(0, 61, (2, 5))).logits
@@ -333,7 +333,7 @@ def test_return_dict_false_gives_tuples():
 
 
 @pytest.mark.parametrize(
-    "layers", [*(f"uniform:{mixer}" for mixer in MIXER_NAMES), "hybrid:rndembqk", "hybrid:staticembqk"]
+    "layers", [*(f"uniform:{mixer}" for mixer in BUILTIN_MIXERS), "hybrid:rndembqk", "hybrid:staticembqk"]
 )
 def test_activation_checkpointing_recomputes_and_gives_the_same_gradients(layers):
     """Every layer runs again in backward, and every parameter gets the gradient it gets without

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attnlab import AttnLabForCausalLM
-from attnlab.config import MIXER_NAMES
+from attnlab.mixers import BUILTIN_MIXERS
 
 from .conftest import tiny_config
 
@@ -33,7 +33,7 @@ def _train_losses(model: AttnLabForCausalLM, batch: torch.Tensor, bf16: bool) ->
     return losses
 
 
-@pytest.mark.parametrize("mixer", MIXER_NAMES)
+@pytest.mark.parametrize("mixer", BUILTIN_MIXERS)
 def test_bf16_autocast_training_tracks_float32(mixer):
     config = tiny_config(layers=f"standard,{mixer}")
     reference = AttnLabForCausalLM(config)

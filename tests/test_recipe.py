@@ -1,4 +1,4 @@
-"""The training recipe of spec §4 against closed forms and equivalences, on tiny runs of the real loop
+"""The training recipe of docs/method.md §4 against closed forms and equivalences, on tiny runs of the real loop
 (`attnlab train`): gradient accumulation takes the step of the whole batch (across DDP ranks too: see
 test_train.py::test_two_cpu_processes_match_one_process); the LR of every step is a linear warm-up then half
 a cosine to zero; weight decay falls on exactly the matrices and embeddings; and the update each step applied
@@ -96,7 +96,7 @@ def test_two_micro_batches_of_2_take_the_step_of_a_batch_of_4(corpus, batch_of_4
 
 # ------------------------------------------------------------------------------------------ weight decay
 
-# The convention of `TrainConfig.weight_decay` (spec §4): AdamW decays weight matrices and embeddings, not
+# The convention of `TrainConfig.weight_decay` (docs/method.md §4): AdamW decays weight matrices and embeddings, not
 # biases and norm gains. Names under `model.layers.<i>.`: (decayed, not decayed), by what the layer holds.
 ATTENTION_MIXER = (  # standard and every variant that keeps its projections
     ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight"],

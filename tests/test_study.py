@@ -18,6 +18,7 @@ import torch
 from attnlab import cli
 from attnlab.config import PLACEMENTS, resolve_layer_pattern
 from attnlab.environment import installed_version
+from attnlab.options import TRAIN_FLAGS, TRAIN_SWITCHES
 from attnlab.report import (
     AGREES,
     CANNOT_TELL,
@@ -48,11 +49,10 @@ from attnlab.study import (
     build_study,
     dry_run_text,
     load_study,
-    run_folder,
     run_study,
-    share_pattern,
     stage_record,
 )
+from attnlab.studyfolder import run_folder, share_pattern
 
 # A model small enough that a training stage is a second or two.
 TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -102,7 +102,7 @@ def mini_study() -> Study:
 
 def assert_complete(out: Path, study: Study) -> None:
     for run in study.runs:
-        for stage, _ in run.stages(run_folder(out, run)):
+        for stage, _ in run.stages(run_folder(out, run.name)):
             record = stage_record(out, run, stage)
             assert record is not None and record["exit"] == 0, (run.name, stage)
     assert (out / "analysis" / "uniform" / "indicators.json").is_file()
@@ -148,8 +148,8 @@ def test_train_commands_parse_back_to_the_runs_settings(tmp_path):
         for run in build_study(preset, mixers=["approximate"], max_steps=7).runs:
             argv = run.stages(tmp_path / run.name)[0][1]
             args = cli.build_parser().parse_args(argv)
-            train = {f: getattr(args, f) for f, *_ in cli.TRAIN_FLAGS.values() if getattr(args, f) is not None}
-            train.update({f: getattr(args, f) for f in cli.TRAIN_SWITCHES.values() if getattr(args, f) is not None})
+            train = {f: getattr(args, f) for f, *_ in TRAIN_FLAGS.values() if getattr(args, f) is not None}
+            train.update({f: getattr(args, f) for f in TRAIN_SWITCHES.values() if getattr(args, f) is not None})
             parsed = resolve_run_config(args.preset, None, {**cli.model_overrides(args), "layers": args.layers}, train)
             expected = resolve_run_config(run.preset, None, {**run.model, "layers": run.layers}, run.train)
             assert parsed.to_dict() == expected.to_dict()
@@ -191,8 +191,10 @@ def test_share_pattern_spreads_standard_layers_and_keeps_the_last(depth):
     "options, message",
     [
         ({"preset": "nope"}, "unknown study preset"),
-        ({"preset": "quick", "mixers": ["standard"]}, "unknown or standard mixer"),
-        ({"preset": "placements:foo"}, "placements:<mixer> needs one of"),
+        ({"preset": "quick", "mixers": ["standard"]}, "besides standard"),
+        ({"preset": "quick", "mixers": ["softmax"]}, "unknown mixer"),
+        ({"preset": "placements:foo"}, "unknown mixer"),
+        ({"preset": "placements:standard"}, "other than standard"),
     ],
 )
 def test_bad_study_options_are_one_line_errors(options, message):
@@ -206,7 +208,7 @@ def test_bad_study_options_are_one_line_errors(options, message):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("study") / "mini"
-    result = run_study(mini_study(), out, jobs=2, progress=False)
+    result = run_study(mini_study(), out, run_command=cli.main, jobs=2, progress=False)
     assert result["failed"] == []
     return out
 
@@ -215,17 +217,17 @@ def test_a_miniature_study_runs_every_stage_and_writes_the_report(finished):
     study = load_study(finished)
     assert study == mini_study()
     assert_complete(finished, study)
-    recall = json.loads((run_folder(finished, study.runs[1]) / "study" / "recall.json").read_text())
+    recall = json.loads((run_folder(finished, study.runs[1].name) / "study" / "recall.json").read_text())
     assert recall["examples"] == 8 and 0.0 <= recall["accuracy"] <= 1.0
     assert recall["chance"] == pytest.approx(1 / 7)  # mqar vocab 16: 7 value tokens
     assert recall["context_guess"] == pytest.approx(1 / 2)  # 2 pairs in the context
     assert recall["attnlab"]["mixer_types"] == ["mlp", "standard"]
-    skip = json.loads((run_folder(finished, study.runs[1]) / "study" / "recall-skip.json").read_text())
+    skip = json.loads((run_folder(finished, study.runs[1].name) / "study" / "recall-skip.json").read_text())
     assert skip["attnlab"]["skip_nonstandard"] is True
 
     rows = {(row.group, row.label): row for row in collect_rows(finished, study)}
     assert set(rows) == {("standard", "standard"), ("hybrid", "mlp"), ("skip", "mlp")}
-    results = json.loads((run_folder(finished, study.runs[0]) / "study" / "results.json").read_text())
+    results = json.loads((run_folder(finished, study.runs[0].name) / "study" / "results.json").read_text())
     assert rows["standard", "standard"].cloze.value == pytest.approx(100 * results["results"]["cloze"]["acc,none"])
     target_ppl = results["results"]["lastword"]["perplexity,none"]
     assert rows["standard", "standard"].lastword_ppl.value == pytest.approx(target_ppl)
@@ -245,20 +247,20 @@ def test_a_miniature_study_runs_every_stage_and_writes_the_report(finished):
 def test_a_finished_study_is_reused_on_resume_and_refused_without(finished):
     before = {path: path.stat().st_mtime_ns for path in finished.rglob("stages/*.json")}
     with pytest.raises(ValueError, match="already holds a study; add --resume"):
-        run_study(mini_study(), finished, progress=False)
-    result = run_study(mini_study(), finished, resume=True, progress=False)
+        run_study(mini_study(), finished, run_command=cli.main, progress=False)
+    result = run_study(mini_study(), finished, run_command=cli.main, resume=True, progress=False)
     assert result["failed"] == []
     assert {path: path.stat().st_mtime_ns for path in finished.rglob("stages/*.json")} == before
     other = build_study("quick", mixers=["mlp"])
     with pytest.raises(ValueError, match="whose runs differ"):
-        run_study(other, finished, resume=True, progress=False)
+        run_study(other, finished, run_command=cli.main, resume=True, progress=False)
 
 
 def test_a_second_study_process_on_one_folder_stops_at_once(finished):
     before = {path: path.stat().st_mtime_ns for path in finished.rglob("*") if path.is_file()}
     with lock_folder(finished):  # as a running study holds it
         with pytest.raises(ValueError) as error:
-            run_study(mini_study(), finished, resume=True, progress=False)
+            run_study(mini_study(), finished, run_command=cli.main, resume=True, progress=False)
     assert str(error.value) == (
         f"{finished} is in use by another attnlab process (PID {os.getpid()}); wait for it to end, "
         "or choose another folder"
@@ -273,7 +275,8 @@ def test_a_killed_study_resumes_where_it_stopped(tmp_path):
     out = tmp_path / "killed"
     script = (
         "import sys; sys.path.insert(0, sys.argv[1]); from test_study import mini_study; "
-        "from attnlab.study import run_study; run_study(mini_study(), sys.argv[2], jobs=1, progress=False)"
+        "from attnlab.cli import main; from attnlab.study import run_study; "
+        "run_study(mini_study(), sys.argv[2], run_command=main, jobs=1, progress=False)"
     )
     process = subprocess.Popen(
         [sys.executable, "-c", script, str(Path(__file__).parent), str(out)], start_new_session=True
@@ -288,7 +291,7 @@ def test_a_killed_study_resumes_where_it_stopped(tmp_path):
     trained = first_train.read_text()
     assert not (out / "report.md").exists()
 
-    result = run_study(mini_study(), out, jobs=1, resume=True, progress=False)
+    result = run_study(mini_study(), out, run_command=cli.main, jobs=1, resume=True, progress=False)
     assert result["failed"] == []
     assert first_train.read_text() == trained  # the finished training was reused, not repeated
     assert_complete(out, mini_study())
@@ -359,7 +362,7 @@ def test_ctrl_c_stops_a_study_with_one_line(tmp_path):
 
 def test_the_submitit_local_executor_runs_the_same_study(tmp_path):
     out = tmp_path / "submitit"
-    result = run_study(mini_study(), out, jobs=2, executor="submitit-local", progress=False)
+    result = run_study(mini_study(), out, run_command=cli.main, jobs=2, executor="submitit-local", progress=False)
     assert result["failed"] == []
     assert_complete(out, mini_study())
     assert any((out / "submitit").glob("*_result.pkl"))  # the runs went through submitit's jobs
@@ -377,7 +380,7 @@ def test_a_failing_stage_is_reported_and_retried_on_resume(tmp_path):
         {**TINY_RECALL_TRAIN, "data": "mqar:pairs=50,vocab=16"},
     )  # too many pairs: train refuses
     study = Study("broken", [broken])
-    result = run_study(study, tmp_path / "b", progress=False)
+    result = run_study(study, tmp_path / "b", run_command=cli.main, progress=False)
     assert result["failed"] == ["recall-standard"]
     log = (tmp_path / "b" / "runs" / "recall-standard" / "study" / "log.txt").read_text()
     assert "attnlab: error:" in log and "pairs" in log
@@ -586,7 +589,7 @@ def test_replicate_runs_get_rows_of_their_own_and_widen_close(tmp_path):
     ]
     study = Study("replicates", [base, *seeds])
     for run, ppl in zip(study.runs, (100.0, 125.0, 90.0)):
-        results = run_folder(tmp_path, run) / "study" / "results.json"
+        results = run_folder(tmp_path, run.name) / "study" / "results.json"
         results.parent.mkdir(parents=True)
         results.write_text(json.dumps({"results": {"heldout": {"word_perplexity,none": ppl}}}))
     rows = collect_rows(tmp_path, study)
@@ -635,7 +638,7 @@ def test_placement_section_finds_the_smallest_rescuing_share(tmp_path):
 
 
 def test_recall_refuses_a_corpus_model_without_a_task(finished, capsys):
-    corpus_model = run_folder(finished, mini_study().runs[0])
+    corpus_model = run_folder(finished, mini_study().runs[0].name)
     assert cli.main(["recall", str(corpus_model), "--out", str(finished / "r.json")]) == 2
     assert "was not trained on a synthetic task" in capsys.readouterr().err
 

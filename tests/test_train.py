@@ -477,7 +477,7 @@ def test_unknown_preset_and_resume_mismatch_are_one_line_errors(corpus, uninterr
         ("train:\n  lr: abc\n", [], "train option lr must be float, got 'abc'"),
         ("train:\n  tokens: 2.5\n", [], "train option tokens must be int or unset, got 2.5"),
         (None, ["--eval-every", "-1"], "train option eval_every must not be negative, got -1"),
-        (None, ["--layers", "bogus"], "unknown mixer 'bogus' in layer pattern 'bogus'; valid mixers: standard"),
+        (None, ["--layers", "bogus"], "unknown mixer 'bogus' in layer pattern 'bogus'; registered mixers: standard"),
     ],
 )
 def test_bad_settings_are_one_line_before_anything_is_written(corpus, tmp_path, capsys, config, flags, message):

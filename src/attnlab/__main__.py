@@ -1,3 +1,5 @@
+"""`python -m attnlab`: the `attnlab` command (`attnlab.cli`), the only module that imports the CLI."""
+
 import sys
 
 from .cli import main

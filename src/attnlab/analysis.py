@@ -1,4 +1,4 @@
-"""Why variants behave as they do: attention indicators (spec §6), pre-softmax activations, figures.
+"""Why variants behave as they do: attention indicators (docs/method.md §6), pre-softmax activations, figures.
 
     summary = analyze_models(["runs/hybrid", "runs/uniform"], out="analysis", data="builtin", num_seqs=16)
     summary["layers"][0]["entropy"], summary["figures"]
@@ -6,7 +6,7 @@
 Three pieces:
 
 * Indicators of a layer's mixing maps, pure functions of a tensor of maps `[..., heads, L, L]` (rows =
-  queries, causal, each row sums to 1), each averaged over the heads (spec §6, paper §4.4):
+  queries, causal, each row sums to 1), each averaged over the heads (docs/method.md §6, paper §4.4):
   `entropy`, `concentration`, `head_diversity`, `sink`, `local_focus`; `attention_indicators` gives all
   eight (`INDICATORS`).
 * `ActivationStatistics`: a streaming summary of pre-softmax activations (exact count, min, max, max |x|,
@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 INDICATORS = ("entropy", "conc", "headdiv", "sink", "locfoc0", "locfoc1", "locfoc2", "locfoc3")
-NORMALISED_INDICATORS = ("entropy", "conc", "headdiv")  # min–max normalised for the radar plots (spec §6)
+NORMALISED_INDICATORS = ("entropy", "conc", "headdiv")  # min–max normalised for the radar plots (docs/method.md §6)
 LOCAL_FOCUS_DISTANCES = (0, 1, 2, 3)
 QUANTILES = (0.0, 0.001, 0.01, 0.25, 0.5, 0.75, 0.99, 0.999, 1.0)
-OUTLIER_THRESHOLD = 1e3  # |pre-softmax activation| above this is the paper's failure signature (spec §6)
+OUTLIER_THRESHOLD = 1e3  # |pre-softmax activation| above this is the paper's failure signature (docs/method.md §6)
 # Largest number of map entries (batch × heads × L × L) one forward may hold per layer: about 256 MB in
 # float32. At L = 2048 with 14 heads (paper-500m) this is one sequence per forward.
 MAP_ELEMENTS_PER_FORWARD = 1 << 26
@@ -41,7 +41,7 @@ MIN_SEQ_LEN = max(LOCAL_FOCUS_DISTANCES) + 1  # LocFoc_3 needs at least one entr
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Indicators (spec §6). Input: maps [..., heads, L, L]; output: [...] in float64, averaged over heads.
+# Indicators (docs/method.md §6). Input: maps [..., heads, L, L]; output: [...] in float64, averaged over heads.
 
 
 def _check_maps(maps: torch.Tensor) -> int:
@@ -56,7 +56,7 @@ def _sum_map(values: torch.Tensor) -> torch.Tensor:
 
 
 def entropy(maps: torch.Tensor) -> torch.Tensor:
-    """Entropy `H = −Σ_{a∈A} a·log a` of each head's whole L×L map, then the mean over heads (spec §6).
+    """Entropy `H = −Σ_{a∈A} a·log a` of each head's whole L×L map, then the mean over heads (docs/method.md §6).
 
     The sum runs over every entry of the map (all rows), with 0·log 0 = 0; it is *not* divided by the
     number of rows, so it grows with L: a uniform causal map (A_ij = 1/(i+1)) has H = Σ_i log(i+1) = log L!,
@@ -67,7 +67,7 @@ def entropy(maps: torch.Tensor) -> torch.Tensor:
 
 
 def concentration(maps: torch.Tensor) -> torch.Tensor:
-    """Concentration `Conc = ||A||_F`, the Frobenius norm of each head's map, mean over heads (spec §6).
+    """Concentration `Conc = ||A||_F`, the Frobenius norm of each head's map, mean over heads (docs/method.md §6).
 
     Between sqrt(H_L) (uniform causal map, H_L the L-th harmonic number) and sqrt(L) (every row one-hot).
     """
@@ -76,7 +76,7 @@ def concentration(maps: torch.Tensor) -> torch.Tensor:
 
 
 def head_diversity(maps: torch.Tensor) -> torch.Tensor:
-    """Head diversity `HeadDiv` (spec §6): at every causal position (i, j ≤ i) the standard deviation of
+    """Head diversity `HeadDiv` (docs/method.md §6): at every causal position (i, j ≤ i) the standard deviation of
     the heads' values A_h[i, j], averaged over the L(L+1)/2 causal positions.
 
     The standard deviation is the *population* one (divisor = number of heads, `correction=0`): the layer's
@@ -89,14 +89,14 @@ def head_diversity(maps: torch.Tensor) -> torch.Tensor:
 
 
 def sink(maps: torch.Tensor) -> torch.Tensor:
-    """Sink `Σ_i A[i, 0] / L` (spec §6, the paper's A_{i,1}): the mean weight that the L queries give the
+    """Sink `Σ_i A[i, 0] / L` (docs/method.md §6, the paper's A_{i,1}): the mean weight that the L queries give the
     first token, mean over heads. 1 when every query attends only to the first token."""
     seq_len = _check_maps(maps)
     return (maps[..., :, 0].double().sum(-1) / seq_len).mean(-1)
 
 
 def local_focus(maps: torch.Tensor, distance: int) -> torch.Tensor:
-    """Local focus `LocFoc_N` (spec §6): the mean of the N-th sub-diagonal A[i, i−N] (its L−N entries),
+    """Local focus `LocFoc_N` (docs/method.md §6): the mean of the N-th sub-diagonal A[i, i−N] (its L−N entries),
     i.e. the mean weight at relative distance N, mean over heads. N = 0 is the diagonal."""
     seq_len = _check_maps(maps)
     if not 0 <= distance < seq_len:
@@ -119,7 +119,7 @@ def attention_indicators(maps: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def min_max_normalise(values: Sequence[float]) -> list[float]:
-    """(v − min) / (max − min) over `values` (spec §6: across layers and models compared).
+    """(v − min) / (max − min) over `values` (docs/method.md §6: across layers and models compared).
 
     When every value is the same there is nothing to contrast, and every normalised value is 0.5.
     """
@@ -357,31 +357,6 @@ def accumulate_layers(
 # analyze_models
 
 
-def checkpoint_labels(checkpoints: Sequence[str | Path]) -> list[str]:
-    """A short unique name per checkpoint: its folder name (`run/checkpoint-750` for a step folder); when
-    two share a name, the parent folder is prepended if that tells them apart, else they get `#1`, `#2`, ..."""
-    paths = [Path(checkpoint).resolve() for checkpoint in checkpoints]
-
-    def short(path: Path, with_parent: bool) -> str:
-        if with_parent or path.name.startswith("checkpoint-"):
-            return f"{path.parent.name}/{path.name}"
-        return path.name
-
-    labels = [short(path, False) for path in paths]
-    for label in set(labels):
-        group = [index for index, other in enumerate(labels) if other == label]
-        with_parent = [short(paths[index], True) for index in group]
-        if len(group) > 1 and len(set(with_parent)) == len(group):  # the parent folder tells them apart
-            for index, longer in zip(group, with_parent):
-                labels[index] = longer
-    seen: dict[str, int] = {}
-    unique = []
-    for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        unique.append(label if labels.count(label) == 1 else f"{label}#{seen[label]}")
-    return unique
-
-
 def _checkpoint_config(path: Path) -> dict:
     """The saved config of a checkpoint, checked as far as can be without loading it (one-line errors)."""
     from .evaluation import check_checkpoint, find_tokenizer_folder
@@ -417,7 +392,7 @@ def _layer_entries(label: str, accumulators: list[LayerAccumulator]) -> list[dic
 
 def add_normalised(layers: list[dict]) -> None:
     """Give every layer entry `normalised`: entropy, conc, headdiv min–max normalised across all entries
-    with a map (all layers of all models compared, spec §6); None for layers without a map."""
+    with a map (all layers of all models compared, docs/method.md §6); None for layers without a map."""
     for entry in layers:
         entry["normalised"] = dict.fromkeys(NORMALISED_INDICATORS)
     for name in NORMALISED_INDICATORS:
@@ -492,11 +467,13 @@ def _resolve_seq_len(seq_len: int | None, configs: list[dict], checkpoints: list
     max_position_embeddings when unknown): one common L, so that L-dependent indicators like entropy
     compare across models, and no positions the models never saw in training."""
     from .evaluation import trained_seq_len
+    from .mixers import get_mixer
+    from .model import SHADOW_SOURCES
 
     limits, defaults = [], []
     for path, config in zip(checkpoints, configs):
         limit = int(config.get("max_position_embeddings", 0))
-        if any(m in ("rndembqk", "fixedseqqk") for m in config.get("mixer_types") or []):
+        if any(get_mixer(name).qk_source in SHADOW_SOURCES for name in config.get("mixer_types") or []):
             limit = min(limit, int(config.get("shadow_seq_len", limit)))
         limits.append((limit, path))
         defaults.append(min(limit, trained_seq_len(path) or limit))
@@ -540,7 +517,7 @@ def analyze_models(
     Each model reads the first `num_seqs` sequences of `seq_len` tokens of the `valid` split of `data`
     (`attnlab.data.heldout_sequences`, with the model's own tokenizer); `seq_len` defaults to the shortest
     training length of the models (see `_resolve_seq_len`), so every model is analysed at the same L. Indicators are the
-    per-sequence values (spec §6, see `attention_indicators`) averaged over the sequences; activation
+    per-sequence values (docs/method.md §6, see `attention_indicators`) averaged over the sequences; activation
     statistics pool every causal score of every sequence (`ActivationStatistics`).
 
     Writes `OUT/indicators.json` (atomically):
@@ -563,6 +540,7 @@ def analyze_models(
     files' records are all checked before any model is loaded.
     """
     from . import plots
+    from .checkpoint import checkpoint_labels
     from .data import heldout_sequences, open_corpus
     from .evaluation import load_checkpoint
     from .runconfig import write_text_atomic
@@ -650,7 +628,6 @@ __all__ = [
     "add_normalised",
     "analyze_models",
     "attention_indicators",
-    "checkpoint_labels",
     "concentration",
     "entropy",
     "find_metrics_files",

@@ -1,4 +1,5 @@
-"""`attnlab bench`: measured costs of the seven mixers beside their analytic ones (spec §8, issue 6).
+"""`attnlab bench`: measured costs of the mixers (every registered one by default) beside their analytic ones
+(docs/method.md §8, issue 6).
 
     results = run_bench(BenchSettings(preset="cpu-tiny", against_hf=True), "bench")
 
@@ -57,9 +58,9 @@ from torch.utils import _pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .cache import AttnLabCache, RecurrentStateLayer
-from .config import MIXER_NAMES, AttnLabConfig
+from .config import AttnLabConfig
 from .environment import versions
-from .mixers import MIXERS
+from .mixers import get_mixer, is_registered, mixer_names
 from .model import SHADOW_SOURCES, AttnLabForCausalLM
 from .presets import model_options
 from .runconfig import write_text_atomic
@@ -91,7 +92,7 @@ class BenchSettings:
 
     preset: str = "cpu-tiny"
     model_overrides: dict = field(default_factory=dict)  # AttnLabConfig fields over the preset's
-    mixers: tuple[str, ...] = MIXER_NAMES
+    mixers: tuple[str, ...] = field(default_factory=mixer_names)  # every registered mixer
     contexts: tuple[int, ...] = (128, 256, 512, 1024)  # prefill/decode/cache context lengths (8× range)
     sections: tuple[str, ...] = SECTIONS
     against_hf: bool = False  # also train transformers' Qwen2ForCausalLM (sdpa) with the same weights
@@ -111,9 +112,9 @@ class BenchSettings:
 
     def check(self) -> None:
         """`ValueError` with a fix for every setting a user can get wrong."""
-        unknown = [name for name in self.mixers if name not in MIXERS]
+        unknown = [name for name in self.mixers if not is_registered(name)]
         if unknown or not self.mixers:
-            raise ValueError(f"unknown or missing mixers {unknown}; valid mixers: {', '.join(MIXERS)}")
+            raise ValueError(f"unknown or missing mixers {unknown}; registered mixers: {', '.join(mixer_names())}")
         bad_sections = [name for name in self.sections if name not in SECTIONS]
         if bad_sections or not self.sections:
             raise ValueError(f"unknown or missing sections {bad_sections}; valid sections: {', '.join(SECTIONS)}")
@@ -328,7 +329,7 @@ def shadow_rows(config: AttnLabConfig) -> list[int]:
     active = _active_layers(config)
     rows = [0] * len(active)
     for source in SHADOW_SOURCES:
-        readers = [i for i, name in enumerate(config.mixer_types) if active[i] and MIXERS[name].qk_source == source]
+        readers = [i for i, name in enumerate(config.mixer_types) if active[i] and get_mixer(name).qk_source == source]
         for i in range(max(readers, default=0)):
             if active[i]:
                 rows[i] += 1
@@ -339,7 +340,7 @@ def mixer_forward_flops(config: AttnLabConfig, batch: int, seq_len: int) -> int:
     """FLOPs of every active layer's mixer in one training forward (`Mixer.cost`, cached=False), the shadow
     streams' rows (`shadow_rows`) included."""
     return sum(
-        MIXERS[name].cost(config, batch + extra, seq_len, 4, cached=False).prefill_flops
+        get_mixer(name).cost(config, batch + extra, seq_len, 4, cached=False).prefill_flops
         for name, extra, active in zip(config.mixer_types, shadow_rows(config), _active_layers(config))
         if active
     )
@@ -562,7 +563,7 @@ def bench_inference(settings: BenchSettings, device: torch.device) -> dict:
             for _ in range(settings.warmup):
                 prefill_and_decode(model, token_ids, context, new, device)
             runs = [prefill_and_decode(model, token_ids, context, new, device) for _ in range(settings.repeats)]
-            cost = MIXERS[name].cost(config, batch, context, dtype_bytes=4)
+            cost = get_mixer(name).cost(config, batch, context, dtype_bytes=4)
             key = str(context)
             prefill_times = spread([run["prefill"] for run in runs])
             prefill[name][key] = {

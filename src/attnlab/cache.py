@@ -1,17 +1,17 @@
-"""`AttnLabCache`: the incremental-decoding state of an attnlab model, one entry per layer (spec §3, §8).
+"""`AttnLabCache`: the incremental-decoding state of an attnlab model, one entry per layer (docs/method.md §3, §8).
 
 A transformers `Cache` whose `layers[i]` is chosen by layer i's mixer, so a hybrid pattern keeps each
 layer's own kind of state in one object:
 
   standard, staticembqk  `DynamicLayer` (transformers' KV cache): keys after QK-norm and RoPE, exactly as
                          the mixer uses them, and values, [batch, kv_heads, seen, head_dim]. Grows by one
-                         position per token; a decode step costs O(seen·d) per token (spec §8: 6Bd² + 4BLd).
+                         position per token; a decode step costs O(seen·d) per token (docs/method.md §8: 6Bd² + 4BLd).
   rndembqk, fixedseqqk   `SharedMapLayer`: the layer's RoPE'd shadow queries/keys for all L_max positions
                          ([1, heads|kv_heads, L_max, head_dim], batch 1: the map is input-independent and
                          shared by the batch), computed ONCE per cache (= once per `generate` call, from one
                          batch-1 shadow-stream pass at length L_max) by `AttnLabModel`, plus the keys seen so
                          far as a batch-1 view of that table and the values [batch, kv_heads, seen, head_dim]
-                         (spec §8: 2(B+1)Ld bytes at half precision). A fresh cache recomputes the tables, so
+                         (docs/method.md §8: 2(B+1)Ld bytes at half precision). A fresh cache recomputes the tables, so
                          new weights never meet stale maps.
   approximate            `RecurrentStateLayer` with the order-0/1/2 sums of the Taylor feature map (paper
                          Appx. I): Σv [B,H,1,d_h], Σ1 [B,H,1,1], Σk̃vᵀ [B,H,d_h,d_h], Σk̃ [B,H,d_h,1],
@@ -19,8 +19,8 @@ layer's own kind of state in one object:
                          token. (Spec §8's `6Bd + 4Bd²/h` bytes counts the order-0/1 sums only; the order-2
                          sums dominate: B·h·d_h²·(d_h + 1) entries.)
   nonapprox              `RecurrentStateLayer` with the running max m [B,H], Σexp(s_j − m)·v_j [B,H,d_h] and
-                         Σexp(s_j − m) [B,H] (paper eq. 18), float32; constant size (spec §8: 2Bd + 4Bh bytes),
-                         O(d) per token, rescaled when m grows so long contexts never overflow.
+                         Σexp(s_j − m) [B,H] (paper eq. 18), float32; constant size (docs/method.md §8:
+                         2Bd + 4Bh bytes), O(d) per token, rescaled when m grows so long contexts never overflow.
   mlp                    transformers' `DummyLayer`: the mixer is position-wise, there is nothing to keep.
 
 `get_seq_length()` is the number of tokens the cache has absorbed (all layers see the same tokens; a
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 CACHE_NAMES = ("cache", "past_key_values")  # transformers ≥ 5.24, then the name before it
 CACHE_NAME = next(name for name in CACHE_NAMES if name in BaseModelOutputWithPast.__dataclass_fields__)
-RECURRENT_MIXERS = ("approximate", "nonapprox")  # whose decode state is a running sum: it cannot be rolled back
 ROLLBACK_REFUSAL = (
     "a recurrent (approximate/nonapprox) decode state cannot be rolled back, so assisted decoding cannot use it; "
     "generate without prompt_lookup_num_tokens and assistant_model (or skip those layers: skip_nonstandard=True)"
@@ -171,24 +170,23 @@ class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
             raise ValueError(ROLLBACK_REFUSAL)
 
 
-def layer_cache_for(mixer_type: str):
-    """The per-layer cache object for a mixer name (see the module docstring)."""
-    if mixer_type in ("standard", "staticembqk"):
-        return DynamicLayer()
-    if mixer_type in ("rndembqk", "fixedseqqk"):
-        return SharedMapLayer()
-    if mixer_type in RECURRENT_MIXERS:
-        return RecurrentStateLayer(TAYLOR_STATE_NAMES if mixer_type == "approximate" else PREFIX_SOFTMAX_STATE_NAMES)
-    if mixer_type == "mlp":
-        return DummyLayer()
-    raise ValueError(f"no decode cache is defined for mixer {mixer_type!r}")
-
-
 class AttnLabCache(Cache):
     """One decode state per layer, of the kind its mixer needs (module docstring); built by `generate`."""
 
     def __init__(self, config: AttnLabConfig) -> None:
-        super().__init__(layers=[layer_cache_for(name) for name in config.mixer_types])
+        layers = [config.mixer_class(i).cache_layer(config, i) for i in range(config.num_hidden_layers)]
+        if config.skip_nonstandard:  # layers that skip mode never runs need no state of their own
+            layers = [
+                DummyLayer() if state is None and name != "standard" else state
+                for name, state in zip(config.mixer_types, layers)
+            ]
+        if None in layers:
+            without = sorted({name for name, layer in zip(config.mixer_types, layers) if layer is None})
+            raise ValueError(
+                f"mixer(s) {', '.join(without)} keep no decode state (Mixer.cache_layer is None), so there is no "
+                "AttnLabCache for this model; generate without a cache (use_cache=False recomputes every step)"
+            )
+        super().__init__(layers=layers)
         self.mixer_types = list(config.mixer_types)
         self.seen_tokens = 0  # tokens absorbed so far (the position of the next token)
 

@@ -8,7 +8,8 @@ intact; only folders named `checkpoint-<step>` that contain `trainer_state.pt` c
 failed write (a full disk) removes its partial folder and says which checkpoint is intact.
 
 Resume takes the newest checkpoint that verifies against its manifest, naming each damaged one it skips
-(checkpoints written before manifests existed are taken as they are).
+(checkpoints written before manifests existed are taken as they are). Figures and tables name checkpoints
+and run folders with `checkpoint_labels`.
 
 Loading never runs code from a file: the weights are safetensors, and `trainer_state.pt` is read with
 `torch.load(weights_only=True)`, whose unpickler builds only tensors and plain values (numbers, strings,
@@ -24,7 +25,7 @@ import pickle
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,31 @@ def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(out: Path) -> Path | None:
     checkpoints = complete_checkpoints(out)
     return checkpoints[-1][1] if checkpoints else None
+
+
+def checkpoint_labels(checkpoints: Sequence[str | Path]) -> list[str]:
+    """A short unique name per checkpoint: its folder name (`run/checkpoint-750` for a step folder); when
+    two share a name, the parent folder is prepended if that tells them apart, else they get `#1`, `#2`, ..."""
+    paths = [Path(checkpoint).resolve() for checkpoint in checkpoints]
+
+    def short(path: Path, with_parent: bool) -> str:
+        if with_parent or path.name.startswith("checkpoint-"):
+            return f"{path.parent.name}/{path.name}"
+        return path.name
+
+    labels = [short(path, False) for path in paths]
+    for label in set(labels):
+        group = [index for index, other in enumerate(labels) if other == label]
+        with_parent = [short(paths[index], True) for index in group]
+        if len(group) > 1 and len(set(with_parent)) == len(group):  # the parent folder tells them apart
+            for index, longer in zip(group, with_parent):
+                labels[index] = longer
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if labels.count(label) == 1 else f"{label}#{seen[label]}")
+    return unique
 
 
 def damage(checkpoint: Path) -> str | None:

@@ -14,24 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__, presets
-
-# Architecture flags shared by subcommands that build a model: flag → AttnLabConfig field.
-MODEL_FLAGS = {
-    "--vocab-size": ("vocab_size", int),
-    "--hidden-size": ("hidden_size", int),
-    "--intermediate-size": ("intermediate_size", int),
-    "--num-hidden-layers": ("num_hidden_layers", int),
-    "--num-attention-heads": ("num_attention_heads", int),
-    "--num-key-value-heads": ("num_key_value_heads", int),
-    "--head-dim": ("head_dim", int),
-    "--max-position-embeddings": ("max_position_embeddings", int),
-    "--rope-theta": ("rope_theta", float),
-}
-MODEL_SWITCHES = {
-    "--qk-norm": "qk_norm",
-    "--tie-word-embeddings": "tie_word_embeddings",
-    "--attention-bias": "attention_bias",
-}
+from .options import MODEL_FLAGS, MODEL_SWITCHES, TRAIN_FLAGS, TRAIN_SWITCHES, json_object
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model architecture (override the preset)")
     for flag, (field, kind) in MODEL_FLAGS.items():
-        group.add_argument(flag, dest=field, type=kind, default=None, metavar="N")
+        group.add_argument(flag, dest=field, type=kind, default=None, metavar="JSON" if kind is json_object else "N")
     for flag, field in MODEL_SWITCHES.items():
         group.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None)
 
@@ -107,39 +90,6 @@ def command_params(args: argparse.Namespace) -> int:
     else:
         print("\n\n".join(format_table(title, counts) for title, counts in report))
     return 0
-
-
-# `attnlab train` flags: flag → (TrainConfig field, type, help).
-TRAIN_FLAGS = {
-    "--data": ("data", str, "builtin | hf:<name>[:<config>] | .txt/.jsonl/.jsonl.zst/.parquet files, globs, folders"),
-    "--tokenizer": ("tokenizer", str, "AutoTokenizer name or path, or bpe:<vocab> (trained on the training text)"),
-    "--seq-len": ("seq_len", int, "tokens per sequence"),
-    "--batch-size": ("batch_size", int, "sequences per micro-batch per device"),
-    "--global-batch-size": ("global_batch_size", int, "sequences per optimizer step (gradient accumulation)"),
-    "--tokens": ("tokens", int, "token budget"),
-    "--max-steps": ("max_steps", int, "optimizer steps (overrides --tokens)"),
-    "--lr": ("lr", float, "peak learning rate"),
-    "--warmup-steps": ("warmup_steps", int, "linear warm-up steps"),
-    "--weight-decay": ("weight_decay", float, "AdamW weight decay on matrices and embeddings"),
-    "--beta1": ("beta1", float, "AdamW beta1"),
-    "--beta2": ("beta2", float, "AdamW beta2"),
-    "--seed": ("seed", int, "seed of initialisation and data order"),
-    "--save-every": ("save_every", int, "steps between checkpoints"),
-    "--keep-checkpoints": ("keep_checkpoints", int, "newest checkpoints kept"),
-    "--eval-every": ("eval_every", int, "steps between held-out evaluations"),
-    "--eval-sequences": ("eval_sequences", int, "held-out sequences per evaluation"),
-    "--max-nonfinite-skips": ("max_nonfinite_skips", int, "non-finite batches to skip before stopping"),
-    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
-    "--parallel": ("parallel", str, "under torchrun: auto | ddp | fsdp"),
-}
-TRAIN_SWITCHES = {
-    "--compile": "compile",
-    "--activation-checkpointing": "activation_checkpointing",
-    "--tensorboard": "tensorboard",
-    "--wandb": "wandb",
-    "--save-best": "save_best",
-    "--shifted-windows": "shifted_windows",
-}
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -356,7 +306,9 @@ def command_study(args: argparse.Namespace) -> int:
         print(dry_run_text(study, out))
         return 0
     slurm = {"partition": args.slurm_partition, "gpus_per_node": args.slurm_gpus, "timeout_min": args.slurm_time}
-    result = run_study(study, out, jobs=args.jobs, resume=args.resume, executor=args.executor, slurm=slurm)
+    result = run_study(
+        study, out, run_command=main, jobs=args.jobs, resume=args.resume, executor=args.executor, slurm=slurm
+    )
     print(f"attnlab: report in {result['report']}", file=sys.stderr)
     if result["failed"]:
         print(
@@ -389,7 +341,7 @@ def command_bench(args: argparse.Namespace) -> int:
 
 # `attnlab bench` options: field of BenchSettings → (type, help); each is the flag --field-name.
 BENCH_OPTIONS = {
-    "mixers": (lambda text: tuple(_name_list(text)), "comma-separated mixers (default: all seven)"),
+    "mixers": (lambda text: tuple(_name_list(text)), "comma-separated mixers (default: every registered mixer)"),
     "contexts": (
         lambda text: tuple(_int_list(text)),
         "context lengths for prefill/decode/cache (default 128,256,512,1024)",
@@ -429,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(handler=command_env)
     params = subcommands.add_parser(
         "params",
-        help="parameter counts of the seven variants, uniform and hybrid",
-        description="Parameter counts of all seven mixers, uniform and hybrid, on the meta device (no memory). "
+        help="parameter counts of every registered mixer, uniform and hybrid",
+        description="Parameter counts of every registered mixer, uniform and hybrid, on the meta device (no memory). "
         "With no preset and no flags: every paper preset and cpu-tiny.",
     )
     params.add_argument(
@@ -559,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the paper's experiment grid in one resumable command, ending with DIR/report.md",
         description="Train, evaluate and analyse every run of a study preset, up to --jobs at a time, then write "
         "DIR/report.md (Table-1-style table, figures, the paper's claims checked) and DIR/report.csv. Presets: "
-        "quick (cpu-tiny, minutes on a laptop), placements:<mixer> (spec §7 placements and the share of standard "
-        "layers), paper-70m, paper-160m, paper-500m (GPU, torchrun on the local devices).",
+        "quick (cpu-tiny, minutes on a laptop), placements:<mixer> (docs/method.md §7 placements and the share of "
+        "standard layers), paper-70m, paper-160m, paper-500m (GPU, torchrun on the local devices).",
     )
     study.add_argument(
         "--preset", default="quick", help="quick | placements:<mixer> | paper-70m | paper-160m | paper-500m"
@@ -569,7 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--resume", action="store_true", help="continue the study in --out, reusing finished runs")
     study.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2; each gets cores/jobs threads)")
     study.add_argument("--dry-run", action="store_true", help="print the runs and their commands, run nothing")
-    study.add_argument("--mixers", help="comma-separated subset of the six variants (default: all)")
+    study.add_argument(
+        "--mixers", help="comma-separated registered mixers to train beside standard (default: the paper's six)"
+    )
     study.add_argument("--tokens", type=int, help="training tokens of each corpus run (overrides the preset)")
     study.add_argument("--max-steps", type=int, help="optimizer steps of every run (overrides --tokens)")
     study.add_argument("--eval-limit", type=_limit, help="examples per evaluation task (default: all)")
@@ -583,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = subcommands.add_parser(
         "bench",
-        help="measured training, prefill, decode and cache costs of the mixers beside their formulas (spec §8)",
+        help="measured training, prefill, decode and cache costs of the mixers beside their formulas "
+        "(docs/method.md §8)",
         description="Training tokens/s (with --against-hf: beside transformers' Qwen2ForCausalLM, same weights, "
         "same process), its ratio to standard beside the analytic one, MFU, peak step memory and page faults per "
         "training length; prefill time and memory, decode time per token and cache bytes per context length, with "

@@ -15,18 +15,9 @@ from transformers import PretrainedConfig
 from transformers.generation import GenerationConfig
 
 from .cache import CACHE_NAME
+from .mixers import Mixer, get_mixer, is_builtin, is_registered, mixer_names, mixer_package
 
-MIXER_NAMES: tuple[str, ...] = (
-    "standard",
-    "mlp",
-    "approximate",
-    "nonapprox",
-    "rndembqk",
-    "fixedseqqk",
-    "staticembqk",
-)
-
-# Placements of paper Table 11 (spec §7). Each maps a depth to the 1-based layer numbers that KEEP
+# Placements of paper Table 11 (docs/method.md §7). Each maps a depth to the 1-based layer numbers that KEEP
 # standard attention; the others use the variant. `hybrid` is the paper's main hybrid (= `even`).
 PLACEMENTS: dict[str, Any] = {
     "even": lambda n: {i for i in range(1, n + 1) if i % 2 == 0},
@@ -107,16 +98,17 @@ def resolve_layer_pattern(layers: str | list[str] | tuple[str, ...] | None, num_
 
 
 def _check_mixer_name(name: str, where: str) -> None:
-    if name not in MIXER_NAMES:
+    if not is_registered(name):
         raise ValueError(
-            f"unknown mixer {name!r} in {where}; valid mixers: {', '.join(MIXER_NAMES)} "
-            "(or a pattern such as 'uniform:<mixer>' or 'hybrid:<mixer>')"
+            f"unknown mixer {name!r} in {where}; registered mixers: {', '.join(mixer_names())} "
+            "(or a pattern such as 'uniform:<mixer>' or 'hybrid:<mixer>'; a mixer from another package "
+            "needs that package installed: see attnlab.register_mixer)"
         )
 
 
 @strict
 class AttnLabConfig(PretrainedConfig):
-    """Configuration of an attnlab decoder (Qwen2.5 backbone, spec §2; Qwen3 QK-norm optional).
+    """Configuration of an attnlab decoder (Qwen2.5 backbone, docs/method.md §2; Qwen3 QK-norm optional).
 
     Besides the Qwen2 fields:
       layers: a layer pattern (see `resolve_layer_pattern`), resolved into `mixer_types`.
@@ -125,12 +117,16 @@ class AttnLabConfig(PretrainedConfig):
       skip_nonstandard: run with every non-standard layer removed, attention and MLP both (paper "skip").
       shadow_seq_len: L_max, the length of the fixed shadow sequence of `rndembqk`/`fixedseqqk`
         (defaults to `max_position_embeddings`).
-      shadow_noise_seed: seed of the N(0, 1) shadow input of `rndembqk` (spec §3, σ = 1).
+      shadow_noise_seed: seed of the N(0, 1) shadow input of `rndembqk` (docs/method.md §3, σ = 1).
       fixed_sequence_seed / fixed_sequence_source: where the token ids of the `fixedseqqk` shadow input
         came from. A model created without a corpus gets `fixed_sequence_source="random-ids"`: ids drawn
         uniformly from the vocabulary with `fixed_sequence_seed`; the training command replaces them with
         the first L_max tokens of the training corpus and records the corpus here.
       mixer_implementation: "fast" (training paths) or "reference" (explicit L×L float32 paths).
+      mixer_options: per-mixer settings, {mixer name: {option: value}}, for mixers that take any (a
+        registered mixer reads its own with `Mixer.options(config)`; the built-in seven take none).
+      mixer_packages: filled in, not set: for each mixer of `mixer_types` that is not built in, the package
+        (or module) that registered it, so that loading the model where it is missing says what to install.
     """
 
     model_type = "attnlab"
@@ -160,6 +156,8 @@ class AttnLabConfig(PretrainedConfig):
     fixed_sequence_seed: int = 0
     fixed_sequence_source: str = "random-ids"
     mixer_implementation: str = "fast"
+    mixer_options: dict[str, dict[str, Any]] | None = None
+    mixer_packages: dict[str, str] | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -177,6 +175,14 @@ class AttnLabConfig(PretrainedConfig):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         self._check_shapes()
+        self._check_mixer_packages()
+        if self.mixer_options is not None and not all(
+            isinstance(name, str) and isinstance(options, dict) for name, options in self.mixer_options.items()
+        ):
+            raise ValueError(
+                f"mixer_options must map mixer names to option dicts, e.g. {{'slidingwindow': {{'window': 64}}}}, "
+                f"got {self.mixer_options!r}"
+            )
         resolved = resolve_layer_pattern(self.layers, self.num_hidden_layers)
         if self.mixer_types is not None and self.layers is not None and list(self.mixer_types) != resolved:
             raise ValueError(
@@ -186,6 +192,7 @@ class AttnLabConfig(PretrainedConfig):
         if self.mixer_types is not None and self.layers is None:
             resolved = resolve_layer_pattern(list(self.mixer_types), self.num_hidden_layers)
         self.mixer_types = resolved
+        self.mixer_packages = {name: mixer_package(name) for name in sorted(set(resolved)) if not is_builtin(name)}
         if self.shadow_seq_len is None:
             self.shadow_seq_len = self.max_position_embeddings
         if self.mixer_implementation not in ("fast", "reference"):
@@ -203,6 +210,8 @@ class AttnLabConfig(PretrainedConfig):
         saved with a list and no pattern keeps its list, checked against the new depth)."""
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in cls.__annotations__}
         config_dict = {**config_dict, **overrides}
+        if {"layers", "mixer_types"} & overrides.keys():
+            config_dict.pop("mixer_packages", None)  # the saved mixers' packages may no longer be needed
         if "mixer_types" in overrides and "layers" not in overrides:
             config_dict["layers"] = None  # the given list replaces the saved pattern
         elif (
@@ -212,6 +221,19 @@ class AttnLabConfig(PretrainedConfig):
         ):
             config_dict.pop("mixer_types", None)  # re-resolved from the pattern
         return super().from_dict(config_dict, **kwargs)
+
+    def _check_mixer_packages(self) -> None:
+        """A saved model whose mixer's package is missing: one line saying what to install."""
+        for name, package in (self.mixer_packages or {}).items():
+            if not is_registered(name):
+                raise ValueError(
+                    f"this model uses the mixer {name!r} from {package!r}, which is not registered here; install "
+                    f"that package (pip install {package}) or import the module that registers the mixer"
+                )
+
+    def mixer_class(self, layer_idx: int) -> type[Mixer]:
+        """The registered `Mixer` class of layer `layer_idx` (0-based)."""
+        return get_mixer(self.mixer_types[layer_idx])
 
     def _check_shapes(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -238,7 +260,7 @@ class AttnLabConfig(PretrainedConfig):
 
     @property
     def mlp_mixer_size(self) -> int:
-        """Intermediate width `m` of the `mlp` mixer: `round(P_attn / (3·d))` (spec §3, pinned).
+        """Intermediate width `m` of the `mlp` mixer: `round(P_attn / (3·d))` (docs/method.md §3, pinned).
 
         `P_attn` counts everything the standard mixer owns: W_q, W_k, W_v, W_o, the q/k/v biases when
         `attention_bias`, and the QK-norm weights when `qk_norm`.

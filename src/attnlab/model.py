@@ -1,4 +1,4 @@
-"""The attnlab decoder: Qwen2.5's pre-norm stack with a chosen mixer in each layer (spec §2–3).
+"""The attnlab decoder: Qwen2.5's pre-norm stack with a chosen mixer in each layer (docs/method.md §2–3).
 
     h = h + Mixer_l(RMSNorm_l^attn(h));   h = h + SwiGLU_l(RMSNorm_l^mlp(h));   logits = LMHead(RMSNorm(h))
 
@@ -9,7 +9,7 @@ per forward with batch 1, so each layer's map is computed once and shared by the
 passes through the layer's own attention pre-norm. Skip mode runs only the standard layers.
 
 On the fast path a single shadow stream runs as one more row of the batch (`AttnLabModel._with_shadow_row`):
-in a layer of its mixer the shadow row's own attention has exactly the map the batch uses (spec §3: there
+in a layer of its mixer the shadow row's own attention has exactly the map the batch uses (docs/method.md §3: there
 the stream attends over itself), so one map per head serves the row and the batch; the row leaves after the
 last layer that reads it. The reference path, requested maps or scores, a cache, and models with both
 shadow mixers run each stream on its own (`AttnLabModel._shadow_stream`).
@@ -34,7 +34,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
-from .cache import CACHE_NAME, RECURRENT_MIXERS, ROLLBACK_REFUSAL, AttnLabCache, take_cache
+from .cache import CACHE_NAME, ROLLBACK_REFUSAL, AttnLabCache, RecurrentStateLayer, take_cache
 from .config import AttnLabConfig
 from .losses import fused_causal_lm_loss
 from .mixers import MixerInputs, MixerOutput, build_mixer
@@ -158,7 +158,8 @@ class AttnLabPreTrainedModel(PreTrainedModel):
 
 
 def default_shadow_noise(config: AttnLabConfig) -> torch.Tensor:
-    """ε ~ N(0, 1) of shape [L_max, hidden], drawn on the CPU from `config.shadow_noise_seed` (spec §3, σ = 1)."""
+    """ε ~ N(0, 1) of shape [L_max, hidden], drawn on the CPU from `config.shadow_noise_seed` (docs/method.md §3,
+    σ = 1)."""
     generator = torch.Generator(device="cpu").manual_seed(config.shadow_noise_seed)
     return torch.randn(config.shadow_seq_len, config.hidden_size, generator=generator, device="cpu")
 
@@ -180,13 +181,13 @@ class AttnLabModel(AttnLabPreTrainedModel):
         self.layers = nn.ModuleList(AttnLabDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim_resolved, config.rope_theta)
-        mixers = set(config.mixer_types)
+        sources = {layer.self_attn.qk_source for layer in self.layers}
         # Fixed shadow inputs are persistent buffers (saved with the model); filled in by `_init_weights`.
         self.shadow_noise = (
-            nn.Buffer(torch.empty(config.shadow_seq_len, config.hidden_size)) if "rndembqk" in mixers else None
+            nn.Buffer(torch.empty(config.shadow_seq_len, config.hidden_size)) if "shadow_noise" in sources else None
         )
         self.shadow_token_ids = (
-            nn.Buffer(torch.zeros(config.shadow_seq_len, dtype=torch.long)) if "fixedseqqk" in mixers else None
+            nn.Buffer(torch.zeros(config.shadow_seq_len, dtype=torch.long)) if "shadow_tokens" in sources else None
         )
         self.post_init()
 
@@ -257,7 +258,7 @@ class AttnLabModel(AttnLabPreTrainedModel):
         """The hidden states and the pass of the fast path with the shadow stream of `source` as row 0.
 
         Every layer treats rows independently except a layer of `source`, where row 0 gives the queries and
-        keys of every row, its own included: that is the shadow stream's own attention (spec §3), with the
+        keys of every row, its own included: that is the shadow stream's own attention (docs/method.md §3), with the
         map the batch uses, so the layer computes one map per head for the stream and the batch
         (`standard.shared_map_attention`) where separate streams compute it twice. The shadow row keeps
         positions 0..L−1; the last layer of `source` drops it after taking its queries and keys.
@@ -301,7 +302,7 @@ class AttnLabModel(AttnLabPreTrainedModel):
         """Give every rndembqk/fixedseqqk layer of `cache` its RoPE'd shadow queries/keys, once per cache.
 
         One batch-1 shadow-stream pass per source at the full length L_max (the map of a length-L input is
-        the top-left L×L block, spec §3), so no later step of the same cache runs the stream again; a new
+        the top-left L×L block, docs/method.md §3), so no later step of the same cache runs the stream again; a new
         cache (a new `generate` call) recomputes them, so changed weights never meet stale maps.
         """
         for source in SHADOW_SOURCES:
@@ -488,7 +489,9 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
         """`generate`'s hook for building the cache: an `AttnLabCache` (one state per layer, of its mixer's
         kind), instead of transformers' `DynamicCache`, which has no place for recurrent states. The cache
         goes into `model_kwargs` under the installed transformers' name for it (`CACHE_NAME`), whichever name
-        the caller used; assisted decoding is refused up front when a running layer keeps a running sum."""
+        the caller used; assisted decoding is refused up front when a running layer keeps a running sum.
+        When a running layer's mixer keeps no decode state (`Mixer.cache_layer` is None), generation runs
+        without a cache and recomputes the whole sequence every step."""
         user_cache = take_cache(model_kwargs)
         if user_cache is not None and not isinstance(user_cache, AttnLabCache):
             raise ValueError(
@@ -496,7 +499,13 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
                 "pass AttnLabCache(model.config) or no cache"
             )
         use_cache = user_cache is not None or generation_config.use_cache is not False
-        running_sums = any(layer.mixer_type in RECURRENT_MIXERS for layer in self.model.active_layers())
+        layers = self.model.active_layers()
+        states = [
+            self.config.mixer_class(layer.layer_idx).cache_layer(self.config, layer.layer_idx) for layer in layers
+        ]
+        if user_cache is None and None in states:  # a mixer without a decode state: recompute every step
+            generation_config.use_cache = use_cache = False
+        running_sums = any(isinstance(state, RecurrentStateLayer) for state in states)
         if use_cache and running_sums and generation_mode == GenerationMode.ASSISTED_GENERATION:
             raise ValueError(ROLLBACK_REFUSAL)
         if user_cache is None and use_cache:
@@ -549,7 +558,7 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
         logits; the training path). Loss keyword arguments (`num_items_in_batch`, `ignore_index`,
         `shift_labels`) are those of transformers' `ForCausalLMLoss` on either path.
         `output_attentions=True` returns each layer's applied mixing matrix [batch, heads, seq, seq]
-        (None for `mlp` layers); `output_mixer_scores=True` each layer's pre-softmax activations (spec §6);
+        (None for `mlp` layers); `output_mixer_scores=True` each layer's pre-softmax activations (docs/method.md §6);
         `mixer_implementation="reference"` runs every mixer's explicit float32 reference path.
         """
         outputs = self.model(

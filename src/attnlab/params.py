@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from .config import MIXER_NAMES, AttnLabConfig
+from .config import AttnLabConfig
+from .mixers import mixer_names
 from .model import AttnLabForCausalLM
 
 
@@ -26,7 +27,7 @@ class VariantCount:
 
 
 def variant_counts(model_options: dict[str, Any]) -> list[VariantCount]:
-    """Parameter counts of `uniform:<mixer>` and `hybrid:<mixer>` for all seven mixers."""
+    """Parameter counts of `uniform:<mixer>` and `hybrid:<mixer>` for every registered mixer."""
     options = {key: value for key, value in model_options.items() if key not in ("layers", "mixer_types")}
     return [
         VariantCount(
@@ -34,7 +35,7 @@ def variant_counts(model_options: dict[str, Any]) -> list[VariantCount]:
             uniform=count_parameters(AttnLabConfig(**options, layers=f"uniform:{mixer}")),
             hybrid=count_parameters(AttnLabConfig(**options, layers=f"hybrid:{mixer}")),
         )
-        for mixer in MIXER_NAMES
+        for mixer in mixer_names()
     ]
 
 

@@ -32,7 +32,7 @@ from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
 
 PANEL_INCHES = 2.9  # width and height of one per-layer panel
 MIN_FIGURE_WIDTH = 7.0
-LOCAL_FOCUS_SCALE = 2.0  # the paper doubles LocFoc on its radar plots for visibility (spec §6)
+LOCAL_FOCUS_SCALE = 2.0  # the paper doubles LocFoc on its radar plots for visibility (docs/method.md §6)
 # Radar axes: (label, where the value comes from).
 RADAR_AXES = (
     ("H", ("normalised", "entropy")),
@@ -203,7 +203,7 @@ def activation_boxplots(indicators: dict, out_dir: str | Path, name: str = "acti
 
 def activation_figure(indicators: dict) -> Figure:
     """Per-layer box plots of |pre-softmax activation| on a log scale (Fig. 2 style), one box per layer and
-    model, with a reference line at 10³ (the outlier threshold of spec §6)."""
+    model, with a reference line at 10³ (the outlier threshold of docs/method.md §6)."""
     labels, by_index = _layers_by_index(indicators)
     colours = dict(zip(labels, _model_colours(len(labels))))
     layers = list(by_index)
@@ -322,7 +322,7 @@ def loss_figure(metrics_files: Sequence[str | Path], labels: Sequence[str] | Non
     """Training loss against tokens seen, one line per run (Fig. 5 style): the raw per-step loss faintly,
     its moving mean over 2 % of the steps solid, the held-out loss (`eval_loss`) as markers.
     Runs are labelled by their folder names unless `labels` are given."""
-    from .analysis import checkpoint_labels
+    from .checkpoint import checkpoint_labels
 
     paths = [Path(path) for path in metrics_files]
     if not paths:

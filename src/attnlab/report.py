@@ -1,8 +1,8 @@
 """A study's `report.md` (issue 7): the Table-1-style table, figures, and the paper's claims checked.
 
-Everything is read back from the run folders the study wrote (`attnlab.study`): the harness results
-(`results.json`, `skip.json`), recall accuracies (`recall.json`, `recall-skip.json`), training stage
-records (seconds, divergence) and the analyses' `indicators.json`. The claims section is computed from
+Everything is read back from the folders the study wrote (`attnlab.study`; their layout: `attnlab.studyfolder`):
+the harness results (`results.json`, `skip.json`), recall accuracies (`recall.json`, `recall-skip.json`),
+training stage records (seconds, divergence) and the analyses' `indicators.json`. The claims section is computed from
 those numbers by the `CLAIMS` functions, each of which states its thresholds; nothing in it is written by
 hand. Missing numbers (a failed or unfinished run) show as "–" and turn a claim into "cannot tell"; a claim
 about models the study does not train at all is listed once as not checked.
@@ -28,7 +28,7 @@ from pathlib import Path
 from .config import resolve_layer_pattern
 from .environment import versions
 from .runconfig import write_text_atomic
-from .study import STUDY_FILES, run_folder, share_pattern
+from .studyfolder import STUDY_FILES, run_folder, share_pattern
 
 AGREES, DISAGREES, CANNOT_TELL = "agrees", "disagrees", "cannot tell"
 NOT_STUDIED = "not studied"  # the study trains none of the models a claim compares (e.g. a placement study)
@@ -152,7 +152,7 @@ def collect_rows(out: Path, study) -> list[Row]:
         return rows.setdefault((group, run.mixer, seed), Row(group, run.mixer, run.layers, seed))
 
     for run in study.runs:
-        folder = run_folder(out, run)
+        folder = run_folder(out, run.name)
         row = row_for(run.kind, run)
         if run.data == "corpus":
             row.train_seconds = _train_seconds(folder, row)
@@ -676,7 +676,7 @@ def _smallest_share(sweep: list[PlacementPoint], verdict: str) -> int | None:
 
 def minimum_rescue(points: list[PlacementPoint], mixer: str, depth: int) -> str:
     """A sentence naming the smallest evenly spread share of standard layers from which every larger share is
-    rescued (spec §9's open question), and the placements that rescue the mixer with fewer."""
+    rescued (docs/method.md §9's open question), and the placements that rescue the mixer with fewer."""
     sweep = [point for point in points if point.spread]
     counts = [point.standard_layers for point in sweep]
     missing = [count for count in range(depth + 1) if count not in counts]
@@ -766,9 +766,9 @@ def _recall_loss_figure(out: Path, study) -> list[Path]:
     from .plots import loss_curves
 
     metrics = [
-        run_folder(out, run) / "metrics.jsonl"
+        run_folder(out, run.name) / "metrics.jsonl"
         for run in study.runs
-        if run.data == "recall" and (run_folder(out, run) / "metrics.jsonl").is_file()
+        if run.data == "recall" and (run_folder(out, run.name) / "metrics.jsonl").is_file()
     ]
     if not metrics:
         return []

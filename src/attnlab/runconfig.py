@@ -25,7 +25,7 @@ from .environment import versions
 
 @dataclass
 class TrainConfig:
-    """Training settings; the defaults are the paper's (spec §4), the presets adjust sizes and budgets."""
+    """Training settings; the defaults are the paper's (docs/method.md §4), the presets adjust sizes and budgets."""
 
     data: str = "builtin"  # builtin | hf:<name>[:<config>] | local .txt/.jsonl/.jsonl.zst/.parquet files or globs
     # ... or a synthetic task, mqar[:vocab=,pairs=,queries=,filler=] | induction[:vocab=,prefix=] (no tokenizer)

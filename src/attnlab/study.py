@@ -13,21 +13,22 @@ exactly what will be executed and any stage can be re-run by hand:
 then study-wide `attnlab analyze` runs (`Study.analyses`) and `DIR/report.md` (`attnlab.report`).
 
 Execution (`run_study`): up to `jobs` runs at once, each in a worker process that imports attnlab once and
-calls `attnlab.cli.main` on the stage's arguments (the training stage goes through `torchrun` when CUDA
-devices are present); or each run as a `submitit` job (`executor="submitit-local"` or `"slurm"`). A
-finished stage leaves `runs/NAME/study/stages/<stage>.json` (its seconds and exit status) and is never run
-again; a killed study resumes where it stopped: an interrupted training continues from its newest
-checkpoint. A run folder is locked (`flock`) while a process works in it, so a study restarted while an
-orphaned worker still finishes a run waits for it instead of writing beside it. Every stage's output goes
-to `runs/NAME/study/log.txt`. `runs/NAME` itself is the training output folder (model, tokenizer,
-metrics.jsonl, checkpoints); the study's own files for the run sit in `runs/NAME/study/`.
+calls the command's entry point that `attnlab study` hands down (`attnlab.cli.main`, see `CommandRunner`) on
+the stage's arguments (the training stage goes through `torchrun` when CUDA devices are present); or each
+run as a `submitit` job (`executor="submitit-local"` or `"slurm"`). A finished stage leaves
+`runs/NAME/study/stages/<stage>.json` (its seconds and exit status) and is never run again; a killed study
+resumes where it stopped: an interrupted training continues from its newest checkpoint. A run folder is
+locked (`flock`) while a process works in it, so a study restarted while an orphaned worker still finishes a
+run waits for it instead of writing beside it. Every stage's output goes to `runs/NAME/study/log.txt`.
+`runs/NAME` itself is the training output folder (model, tokenizer, metrics.jsonl, checkpoints); the study's
+own files for the run sit in `runs/NAME/study/` (the whole layout: `attnlab.studyfolder`).
 
 Presets:
     quick             cpu-tiny models of standard and of the six other mixers, uniform and hybrid, skip
                       evaluation of every hybrid; once on the built-in corpus (offline tasks, standard also
                       at a second seed) and once on multi-query associative recall. The README's main job:
                       < 15 minutes on 2 CPU cores.
-    placements:MIXER  the nine placements of spec §7 for one mixer (paper Fig. 3) and a sweep of the share of
+    placements:MIXER  the nine placements of docs/method.md §7 for one mixer (paper Fig. 3) and a sweep of the share of
                       standard layers, on an 8-layer cpu-tiny model, corpus and recall; the all-standard corpus
                       model also at two more seeds, whose spread sets how close "close to standard" must be.
     paper-70m, paper-160m, paper-500m
@@ -47,19 +48,26 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .config import MIXER_NAMES, PLACEMENTS, resolve_layer_pattern
+from .config import PLACEMENTS, resolve_layer_pattern
+from .mixers import BUILTIN_MIXERS, mixer_names
+from .options import MODEL_FLAGS, MODEL_SWITCHES, TRAIN_FLAGS, TRAIN_SWITCHES
+from .report import write_report
 from .runconfig import lock_folder, write_text_atomic
+from .studyfolder import STUDY_FILES, run_folder, share_pattern
 
-VARIANTS = tuple(name for name in MIXER_NAMES if name != "standard")
+VARIANTS = tuple(name for name in BUILTIN_MIXERS if name != "standard")  # the paper's six, a study's default
 EXECUTORS = ("local", "submitit-local", "slurm")
 PAPER_STUDIES = ("paper-70m", "paper-160m", "paper-500m")
-STUDY_FILES = "study"  # runs/NAME/study/: the log, stage records and evaluation results of a run
+# How a stage's `attnlab` command line runs in-process: its arguments in, its exit status out. `attnlab
+# study` passes its own entry point (`attnlab.cli.main`); it goes to the worker processes, so it must be
+# picklable (a module-level function).
+CommandRunner = Callable[[list[str]], int]
 
 # quick: one model per variant on the built-in corpus, about a minute of one core each. cpu-tiny at half width
 # with a 512-token BPE: at this budget full cpu-tiny (bpe:4096, 150k tokens) stayed at unigram level for every
@@ -124,7 +132,7 @@ class Run:
 
     name: str  # folder under DIR/runs
     data: str  # "corpus" (language modelling) or "recall" (a synthetic recall task)
-    kind: str  # standard | uniform | hybrid | a placement name (spec §7) | share-<k>of<n>
+    kind: str  # standard | uniform | hybrid | a placement name (docs/method.md §7) | share-<k>of<n>
     mixer: str
     layers: str  # attnlab train --layers
     preset: str
@@ -187,8 +195,6 @@ class Study:
 
 def train_flags(run: Run) -> list[str]:
     """The `attnlab train` flags of a run (preset, layers, then its overrides), the inverse of the parser."""
-    from .cli import MODEL_FLAGS, MODEL_SWITCHES, TRAIN_FLAGS, TRAIN_SWITCHES
-
     flags = ["--preset", run.preset, "--layers", run.layers]
     switches = {field: flag for flag, field in {**MODEL_SWITCHES, **TRAIN_SWITCHES}.items()}
     valued = {field: flag for flag, (field, *_) in {**MODEL_FLAGS, **TRAIN_FLAGS}.items()}
@@ -196,7 +202,7 @@ def train_flags(run: Run) -> list[str]:
         if name in switches:
             flags.append(switches[name] if value else "--no-" + switches[name][2:])
         elif name in valued:
-            flags += [valued[name], str(value)]
+            flags += [valued[name], json.dumps(value) if isinstance(value, dict) else str(value)]
         else:
             raise ValueError(f"run {run.name}: {name} has no attnlab train flag")
     return flags
@@ -223,11 +229,16 @@ def _grid(
     return runs
 
 
-def share_pattern(mixer: str, standard_layers: int, num_layers: int) -> str:
-    """A layer list with `standard_layers` standard layers spread evenly over `num_layers` (the last layer
-    is standard first, as in the paper's hybrid), the mixer everywhere else."""
-    keep = {num_layers - round(i * num_layers / standard_layers) for i in range(standard_layers)}
-    return ",".join("standard" if layer in keep else mixer for layer in range(1, num_layers + 1))
+def _variants(names: Sequence[str]) -> tuple[str, ...]:
+    """The variants a study trains beside standard (always trained): registered mixers, standard dropped."""
+    registered = mixer_names()
+    unknown = [name for name in names if name not in registered]
+    if unknown:
+        raise ValueError(f"unknown mixer(s) {unknown} in --mixers; registered mixers: {', '.join(registered)}")
+    variants = tuple(dict.fromkeys(name for name in names if name != "standard"))
+    if not variants:
+        raise ValueError("--mixers needs at least one mixer besides standard (standard is always trained)")
+    return variants
 
 
 def build_study(
@@ -242,10 +253,7 @@ def build_study(
     """The runs of a study preset. `mixers` restricts the variants; `tokens`/`max_steps` override the
     training budget of every run (`max_steps` wins); `eval_limit` caps the examples per evaluation task;
     `eval_data` reads the paper's tasks from local copies (`attnlab eval --eval-data`)."""
-    mixers = tuple(mixers) if mixers else VARIANTS
-    unknown = [name for name in mixers if name not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown or standard mixer(s) {unknown} in --mixers; choose from {', '.join(VARIANTS)}")
+    mixers = _variants(mixers) if mixers else VARIANTS
     budget = {"max_steps": max_steps} if max_steps else {"tokens": tokens, "max_steps": None} if tokens else {}
     execution = {"device": device} if device else {}
     eval_args = ["--limit", str(eval_limit)] if eval_limit is not None else []
@@ -313,8 +321,9 @@ def _placement_study(
     4 = even) is not trained twice: the report finds it among the placements by its layer list.
     """
     mixer = preset.split(":", 1)[1]
-    if mixer not in VARIANTS:
-        raise ValueError(f"placements:<mixer> needs one of {', '.join(VARIANTS)}, got {mixer!r}")
+    if mixer == "standard":
+        raise ValueError("placements:<mixer> needs a mixer other than standard (e.g. placements:mlp)")
+    _variants([mixer])
     depth = PLACEMENT_LAYERS
     patterns = {"standard": "uniform:standard", "uniform": f"uniform:{mixer}"}
     patterns.update({name: f"{name}:{mixer}" for name in PLACEMENTS if name != "hybrid"})
@@ -341,12 +350,8 @@ def _placement_study(
 # --- execution ---------------------------------------------------------------------------------------
 
 
-def run_folder(out: Path, run: Run) -> Path:
-    return out / "runs" / run.name
-
-
 def stage_record(out: Path, run: Run, stage: str) -> dict | None:
-    path = run_folder(out, run) / STUDY_FILES / "stages" / f"{stage}.json"
+    path = run_folder(out, run.name) / STUDY_FILES / "stages" / f"{stage}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -358,19 +363,19 @@ def dry_run_text(study: Study, out: Path) -> str:
     lines = [f"study {study.name}: {len(study.runs)} runs, {len(study.analyses)} analyses → {out}"]
     saved = load_study(out) if (out / "study.json").is_file() else None
     for run in study.runs:
-        stages = run.stages(run_folder(out, run))
+        stages = run.stages(run_folder(out, run.name))
         same = saved is None or run in saved.runs  # a changed run's folder holds another run's results
         state = "done" if same and stage_record(out, run, stages[-1][0]) else "to do"
         lines.append(f"\n# {run.name}  [{run.data}, {run.layers}]  ({state})")
         lines += [format_command(argv) for _, argv in stages]
     for analysis in study.analyses:
         lines.append(f"\n# analysis {analysis.name}")
-        lines.append(format_command(analysis_argv(out, study, analysis)))
+        lines.append(format_command(analysis_argv(out, analysis)))
     return "\n".join(lines)
 
 
-def analysis_argv(out: Path, study: Study, analysis: Analysis) -> list[str]:
-    models = [str(run_folder(out, study.run(name))) for name in analysis.runs]
+def analysis_argv(out: Path, analysis: Analysis) -> list[str]:
+    models = [str(run_folder(out, name)) for name in analysis.runs]
     return ["analyze", *models, "--out", str(out / "analysis" / analysis.name)]
 
 
@@ -421,10 +426,9 @@ def _torchrun_prefix() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}"]
 
 
-def _execute(argv: list[str], log: Path, subprocess_prefix: list[str]) -> int:
-    """Run one attnlab command line: in this process, or under `subprocess_prefix` (torchrun)."""
-    from . import cli
-
+def _execute(argv: list[str], log: Path, subprocess_prefix: list[str], run_command: CommandRunner) -> int:
+    """Run one attnlab command line: through `run_command` in this process, or under `subprocess_prefix`
+    (torchrun)."""
     with open(log, "a") as handle:
         handle.write(f"\n$ {format_command(argv)}\n")
         if subprocess_prefix:
@@ -433,7 +437,7 @@ def _execute(argv: list[str], log: Path, subprocess_prefix: list[str]) -> int:
             return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
     with _output_to(log):
         try:
-            return cli.main(argv)
+            return run_command(argv)
         except SystemExit as stop:  # argparse errors
             return stop.code if isinstance(stop.code, int) else 2
         except Exception:  # noqa: BLE001 — a bug must not take the whole study down: log it, fail the stage
@@ -456,8 +460,9 @@ def _prepare_training(folder: Path, argv: list[str]) -> list[str]:
     return argv
 
 
-def execute_run(out: str, name: str, threads: int | None = None) -> dict:
-    """Every unfinished stage of run `name` of the study in `out` (a worker's or a submitit job's task).
+def execute_run(out: str, name: str, run_command: CommandRunner, threads: int | None = None) -> dict:
+    """Every unfinished stage of run `name` of the study in `out` (a worker's or a submitit job's task),
+    each through `run_command` (the training stage under torchrun when CUDA devices are present).
 
     Returns {"name", "stages": {stage: record}, "failed": what failed or None, "log": the log file}.
     """
@@ -466,7 +471,7 @@ def execute_run(out: str, name: str, threads: int | None = None) -> dict:
     out_path = Path(out)
     study = load_study(out_path)
     run = study.run(name)
-    folder = run_folder(out_path, run)  # the training output folder, which every later stage reads
+    folder = run_folder(out_path, name)  # the training output folder, which every later stage reads
     _use_threads(threads)
     files = folder / STUDY_FILES
     summary: dict[str, Any] = {"name": name, "stages": {}, "failed": None, "log": str(files / "log.txt")}
@@ -486,7 +491,7 @@ def execute_run(out: str, name: str, threads: int | None = None) -> dict:
                         summary["stages"][stage] = {"status": "no model", "seconds": 0.0}
                         continue
                 started = time.perf_counter()
-                code = _execute(argv, files / "log.txt", prefix)
+                code = _execute(argv, files / "log.txt", prefix, run_command)
                 record = {"status": "done", "exit": code, "seconds": time.perf_counter() - started, "argv": argv}
                 if stage == "train" and code == EXIT_DIVERGED:
                     record["status"] = "diverged"
@@ -512,7 +517,7 @@ def _evaluate_checkpoint_instead(argv: list[str], folder: Path) -> list[str] | N
     return [str(checkpoint) if part == str(folder) else part for part in argv]
 
 
-def execute_analysis(out: str, name: str, threads: int | None = None) -> dict:
+def execute_analysis(out: str, name: str, run_command: CommandRunner, threads: int | None = None) -> dict:
     out_path = Path(out)
     study = load_study(out_path)
     analysis = next(item for item in study.analyses if item.name == name)
@@ -521,13 +526,13 @@ def execute_analysis(out: str, name: str, threads: int | None = None) -> dict:
     if marker.is_file():
         return {"name": name, "failed": None, "log": str(log), "reused": True}
     _use_threads(threads)
-    available = [run for run in analysis.runs if (run_folder(out_path, study.run(run)) / "config.json").is_file()]
+    available = [run for run in analysis.runs if (run_folder(out_path, run) / "config.json").is_file()]
     if not available:
         return {"name": name, "failed": "no trained model", "log": str(log)}
-    argv = analysis_argv(out_path, study, dataclasses.replace(analysis, runs=tuple(available)))
+    argv = analysis_argv(out_path, dataclasses.replace(analysis, runs=tuple(available)))
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    code = _execute(argv, log, [])
+    code = _execute(argv, log, [], run_command)
     if code != 0:
         return {"name": name, "failed": f"exit status {code}", "log": str(log)}
     write_text_atomic(marker, json.dumps({"seconds": time.perf_counter() - started, "argv": argv}) + "\n")
@@ -589,13 +594,15 @@ def _check_machine(study: Study, executor: str) -> None:
 def run_study(
     study: Study,
     out: str | Path,
+    run_command: CommandRunner,
     jobs: int = 1,
     resume: bool = False,
     executor: str = "local",
     slurm: dict | None = None,
     progress: bool = True,
 ) -> dict:
-    """Execute every unfinished run of `study` into `out`, then its analyses and the report.
+    """Execute every unfinished run of `study` into `out`, then its analyses and the report. Each stage is
+    an `attnlab` command line that `run_command` runs (`attnlab.cli.main`; see `CommandRunner`).
 
     Returns {"failed": [run or analysis names], "report": path or None}. Raises ValueError for bad input,
     and when another study process holds `out`.
@@ -607,13 +614,13 @@ def run_study(
     _check_machine(study, executor)
     out = Path(out).resolve()
     with _claim_folder(out, study, resume):  # held until the report is written
-        return _run_claimed_study(study, out, jobs, executor, slurm, progress)
+        return _run_claimed_study(study, out, run_command, jobs, executor, slurm, progress)
 
 
-def _run_claimed_study(study: Study, out: Path, jobs: int, executor: str, slurm: dict | None, progress: bool) -> dict:
+def _run_claimed_study(
+    study: Study, out: Path, run_command: CommandRunner, jobs: int, executor: str, slurm: dict | None, progress: bool
+) -> dict:
     from tqdm.auto import tqdm
-
-    from .report import write_report
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     tasks = [(execute_run, run.name) for run in study.runs]
@@ -621,7 +628,7 @@ def _run_claimed_study(study: Study, out: Path, jobs: int, executor: str, slurm:
     bar = tqdm(total=len(tasks) + len(study.analyses), desc=f"study {study.name}", unit="run", disable=not progress)
     try:
         for batch in (tasks, [(execute_analysis, analysis.name) for analysis in study.analyses]):
-            for result in _map(batch, str(out), jobs, threads, executor, slurm or {}, out / "submitit"):
+            for result in _map(batch, str(out), run_command, jobs, threads, executor, slurm or {}, out / "submitit"):
                 name = result["name"]
                 if result["failed"]:
                     failed.append(name)
@@ -653,8 +660,11 @@ def _worker_setup(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _map(tasks, out: str, jobs: int, threads: int, executor: str, slurm: dict, logs: Path) -> Iterator[dict]:
-    """Results of `function(out, name, threads)` for each task, as they finish, at most `jobs` at a time."""
+def _map(
+    tasks, out: str, run_command: CommandRunner, jobs: int, threads: int, executor: str, slurm: dict, logs: Path
+) -> Iterator[dict]:
+    """Results of `function(out, name, run_command, threads)` for each task, as they finish, at most `jobs` at a
+    time."""
     if executor == "local":
         import multiprocessing
 
@@ -670,7 +680,7 @@ def _map(tasks, out: str, jobs: int, threads: int, executor: str, slurm: dict, l
             while queue or pending:
                 while queue and len(pending) < jobs:
                     function, name = queue.pop(0)
-                    pending.add(pool.submit(function, out, name, threads))
+                    pending.add(pool.submit(function, out, name, run_command, threads))
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     yield future.result()
@@ -681,10 +691,12 @@ def _map(tasks, out: str, jobs: int, threads: int, executor: str, slurm: dict, l
             raise
         pool.shutdown()
         return
-    yield from _map_submitit(tasks, out, jobs, threads, executor, slurm, logs)
+    yield from _map_submitit(tasks, out, run_command, jobs, threads, executor, slurm, logs)
 
 
-def _map_submitit(tasks, out: str, jobs: int, threads: int, executor: str, slurm: dict, logs: Path):
+def _map_submitit(
+    tasks, out: str, run_command: CommandRunner, jobs: int, threads: int, executor: str, slurm: dict, logs: Path
+):
     """The same through submitit: a LocalExecutor (subprocesses on this machine) or Slurm jobs."""
     import submitit
 
@@ -707,7 +719,7 @@ def _map_submitit(tasks, out: str, jobs: int, threads: int, executor: str, slurm
     while queue or pending:
         while queue and len(pending) < jobs:
             function, name = queue.pop(0)
-            pending.append((name, runner.submit(function, out, name, threads)))
+            pending.append((name, runner.submit(function, out, name, run_command, threads)))
         while not any(job.done() for _, job in pending):
             time.sleep(1.0)
         for name, job in [item for item in pending if item[1].done()]:

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .analysis import checkpoint_labels
-from .config import MIXER_NAMES
+from .checkpoint import checkpoint_labels
 from .evaluation import PAPER_NLU_TASKS, load_records
+from .mixers import mixer_names
 
 
 @dataclass(frozen=True)
@@ -181,12 +181,12 @@ def table_columns(records: Sequence[dict]) -> list[Column]:
 def ordered_rows(records: Sequence[dict]) -> list[Row]:
     """Reference rows, then records by group (Table 1 order) and mixer (registry order).
 
-    The same variant more than once in a group is told apart by checkpoint (`analysis.checkpoint_labels`: the
+    The same variant more than once in a group is told apart by checkpoint (`checkpoint.checkpoint_labels`: the
     folder name, with its parent folder where that differs, else `#1`, `#2`, ... in the order given), so
     every row's (group, label) is unique.
     """
     _check_unnamed(records)
-    mixer_order = {name: i for i, name in enumerate(MIXER_NAMES)}
+    mixer_order = {name: i for i, name in enumerate(mixer_names())}
     rows = sorted(
         (row_for(record) for record in records),
         key=lambda row: (GROUPS.index(row.group), mixer_order.get(row.label, len(mixer_order)), row.label),

@@ -1,4 +1,4 @@
-"""`attnlab train`: pretraining as the paper does it (spec §4), from one command, resumable, on 1..N devices.
+"""`attnlab train`: pretraining as the paper does it (docs/method.md §4), from one command, resumable, on 1..N devices.
 
 Reads top to bottom: set up devices → data and tokenizer → model → optimizer and schedule → (resume) →
 the loop (accumulate, clip, guard against divergence, step, log, evaluate, checkpoint) → final model.
@@ -180,7 +180,7 @@ def _train_in(run: RunConfig, out: Path, checkpoint: Path | None, devices: Devic
         model = AttnLabForCausalLM.from_pretrained(checkpoint, use_safetensors=True)
     else:
         model = AttnLabForCausalLM(_model_config(run, vocabulary))
-        if "fixedseqqk" in model.config.mixer_types:  # t_s = the first L_max tokens of the training data
+        if model.model.shadow_token_ids is not None:  # fixedseqqk: t_s = the first L_max tokens of the training data
             length = model.config.shadow_seq_len
             if task is not None:
                 ids, source = synthetic.first_tokens(task, settings.seed, length), f"synthetic:{task.spec}"

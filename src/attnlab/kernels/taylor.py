@@ -1,6 +1,7 @@
-"""Causal Taylor attention (spec §3, `approximate`) without L×L tensors: a blocked CPU kernel and FlexAttention.
+"""Causal Taylor attention (docs/method.md §3, `approximate`) without L×L tensors: a blocked CPU kernel and
+FlexAttention.
 
-    s_ij = q_i·k_j·scaling,   f(s) = 1 + s + s²/2 (spec §3),   A_ij = f(s_ij) / Σ_{j' allowed} f(s_ij'),
+    s_ij = q_i·k_j·scaling,   f(s) = 1 + s + s²/2 (docs/method.md §3),   A_ij = f(s_ij) / Σ_{j' allowed} f(s_ij'),
     o_i = Σ_j A_ij v_j
 
 Since 2·f(s) = (1 + s)² + 1 and the factor 2 cancels in A, the kernels compute with t_ij = 1 + s_ij:

@@ -1,45 +1,60 @@
-"""The seven mixers of "Deconstructing Attention" (spec §3), one file each, chosen through `MIXERS`."""
+"""The mixers: the seven of "Deconstructing Attention" (docs/method.md §3), one file each, and any other
+package's, all behind one interface (`Mixer`, in `base`) and one registry (`registry`)."""
 
 from __future__ import annotations
 
-from ..config import MIXER_NAMES
 from .approximate import TaylorAttention
 from .base import Mixer, MixerCost, MixerInputs, MixerOutput
 from .fixedseqqk import FixedSequenceQK
 from .mlp import TokenwiseMLP
 from .nonapprox import SelfGatedPrefixSoftmax
+from .registry import (
+    ENTRY_POINT_GROUP,
+    UnknownMixerError,
+    get_mixer,
+    is_builtin,
+    is_registered,
+    mixer_names,
+    mixer_package,
+    register_builtin_mixers,
+    register_mixer,
+)
 from .rndembqk import RandomEmbeddingQK
 from .standard import StandardAttention
 from .staticembqk import StaticEmbeddingQK
 
-MIXERS: dict[str, type[Mixer]] = {
-    cls.name: cls
-    for cls in (
-        StandardAttention,
-        TokenwiseMLP,
-        TaylorAttention,
-        SelfGatedPrefixSoftmax,
-        RandomEmbeddingQK,
-        FixedSequenceQK,
-        StaticEmbeddingQK,
-    )
-}
-assert tuple(MIXERS) == MIXER_NAMES, "the registry and config.MIXER_NAMES must list the same mixers"
+# The built-in registration, in the paper's order (tables and studies list mixers in registration order).
+_BUILTIN_CLASSES = (
+    StandardAttention,
+    TokenwiseMLP,
+    TaylorAttention,
+    SelfGatedPrefixSoftmax,
+    RandomEmbeddingQK,
+    FixedSequenceQK,
+    StaticEmbeddingQK,
+)
+register_builtin_mixers(_BUILTIN_CLASSES)
+BUILTIN_MIXERS: tuple[str, ...] = tuple(cls.name for cls in _BUILTIN_CLASSES)
 
 
 def build_mixer(config, layer_idx: int) -> Mixer:
     """The mixer for layer `layer_idx` (0-based) of `config.mixer_types`."""
-    name = config.mixer_types[layer_idx]
-    if name not in MIXERS:
-        raise ValueError(f"unknown mixer {name!r}; valid mixers: {', '.join(MIXERS)}")
-    return MIXERS[name](config, layer_idx)
+    return get_mixer(config.mixer_types[layer_idx])(config, layer_idx)
 
 
-def mixer_cost(
-    config, layer_idx: int, batch: int, seq_len: int, dtype_bytes: int = 2, cached: bool = True
-) -> MixerCost:
-    """The analytic cost of layer `layer_idx` of `config` (`Mixer.cost` of its mixer; no model is built)."""
-    return MIXERS[config.mixer_types[layer_idx]].cost(config, batch, seq_len, dtype_bytes, cached)
-
-
-__all__ = ["MIXERS", "Mixer", "MixerCost", "MixerInputs", "MixerOutput", "build_mixer", "mixer_cost"]
+__all__ = [
+    "BUILTIN_MIXERS",
+    "ENTRY_POINT_GROUP",
+    "Mixer",
+    "MixerCost",
+    "MixerInputs",
+    "MixerOutput",
+    "UnknownMixerError",
+    "build_mixer",
+    "get_mixer",
+    "is_builtin",
+    "is_registered",
+    "mixer_names",
+    "mixer_package",
+    "register_mixer",
+]

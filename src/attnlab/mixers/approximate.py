@@ -1,4 +1,4 @@
-"""`approximate`: softmax's exponential replaced by its 2nd-order Taylor polynomial (spec §3; "Based").
+"""`approximate`: softmax's exponential replaced by its 2nd-order Taylor polynomial (docs/method.md §3; "Based").
 
     s_ij = RoPE_i(q_i)·RoPE_j(k_j) / sqrt(d_h),  f(s) = 1 + s + s²/2,  A_ij = f(s_ij) / Σ_{j' ≤ i} f(s_ij').
 
@@ -23,7 +23,7 @@ against 4·L²·d_h for the explicit form, so the default chunk is 2·d_h². Lay
 Cached decoding keeps exactly those six running sums (`attnlab.cache.RecurrentStateLayer`): Σv [B,H,1,d_h],
 Σ1 [B,H,1,1], Σk̃vᵀ [B,H,d_h,d_h], Σk̃ [B,H,d_h,1], Σ(k̃⊗k̃)vᵀ [B,H,d_h²,d_h], Σ(k̃⊗k̃) [B,H,d_h²,1], in the
 compute dtype. Their size does not depend on the context, and a step costs O(d_h³) per head and token
-whatever the context length (the order-2 term dominates; spec §8 quotes 10Bd² for decode, which counts
+whatever the context length (the order-2 term dominates; docs/method.md §8 quotes 10Bd² for decode, which counts
 the order-0/1 terms). The prefill is the chunked computation that also folds its last chunk.
 
 Analytic cost (`cost`), per batch row and head. Training forward (`cached=False`): the blocked kernel's
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cache import TAYLOR_STATE_NAMES, RecurrentStateLayer
 from ..kernels.taylor import blocked_forward_flops, blocked_taylor_attention, flex_taylor_attention
 from .base import MixerCost, MixerInputs, MixerOutput, PairwiseScoreMixer, allowed_positions, projection_flops
 
@@ -133,7 +134,7 @@ def chunked_taylor_attention(
 
 
 class TaylorAttention(PairwiseScoreMixer):
-    """2nd-order Taylor approximation of softmax attention (spec §3, `approximate`)."""
+    """2nd-order Taylor approximation of softmax attention (docs/method.md §3, `approximate`)."""
 
     name = "approximate"
     chunk_size: int | None = None  # fast path: queries per chunk; None = 2·d_h² (see the module docstring)
@@ -152,6 +153,11 @@ class TaylorAttention(PairwiseScoreMixer):
     @property
     def resolved_chunk_size(self) -> int:
         return self.chunk_size or 2 * self.head_dim**2
+
+    @classmethod
+    def cache_layer(cls, config, layer_idx):
+        """The six running sums of the Taylor feature map (module docstring)."""
+        return RecurrentStateLayer(TAYLOR_STATE_NAMES)
 
     @classmethod
     def cost(cls, config, batch, seq_len, dtype_bytes=2, cached=True):

@@ -22,7 +22,12 @@ from torch import nn
 from ..modules import RMSNorm, apply_rotary
 
 if TYPE_CHECKING:
+    from transformers.cache_utils import CacheLayerMixin
+
     from ..config import AttnLabConfig
+
+# Where a mixer may take its queries and keys from instead of its own input (`Mixer.qk_source`).
+QK_SOURCES = (None, "static_embeddings", "shadow_noise", "shadow_tokens")
 
 
 @dataclass
@@ -49,12 +54,12 @@ class MixerInputs:
 
 @dataclass(frozen=True)
 class MixerCost:
-    """Analytic cost of one mixer layer (spec §8), a pure function of the config, batch and length.
+    """Analytic cost of one mixer layer (docs/method.md §8), a pure function of the config, batch and length.
 
     FLOPs count the multiply-adds of matrix products and dot products as 2 each: the projections
     (W_q, W_k, W_v, W_o, or the mlp mixer's three matrices; biases not counted) and the mixing itself.
     Element-wise work (softmax/exp, SiLU, RoPE, norms, masks, running-max rescales) and plain sums are
-    left out. Pairwise maps are counted dense (L×L, as spec §8 does and as the reference and the chunked
+    left out. Pairwise maps are counted dense (L×L, as docs/method.md §8 does and as the reference and the chunked
     paths compute them; a causal fused kernel may skip up to half).
     """
 
@@ -80,11 +85,39 @@ class MixerOutput:
 
 
 class Mixer(nn.Module):
-    """Base class: `Mixer(config, layer_idx)`; `forward(x, inputs) -> MixerOutput`.
+    """The public mixer interface: the token-mixing sublayer of one decoder layer (`attnlab.Mixer`).
 
-    `qk_source` names where a mixer takes its queries and keys from when that is not its own input:
-    `"static_embeddings"` (staticembqk), `"shadow_noise"` (rndembqk) or `"shadow_tokens"` (fixedseqqk).
-    The decoder layer passes that source through its own attention pre-norm (spec §3, common rule).
+    A mixer is built as `Mixer(config, layer_idx)` (the `AttnLabConfig` and the 0-based layer) and sits in
+    the layer's `self_attn` slot: h = h + Mixer(RMSNorm(h)) (docs/method.md §2). To add one, subclass this
+    class, give it a unique lower-case `name`, and register it (`attnlab.register_mixer`, or an entry point
+    in the `attnlab.mixers` group; see `attnlab.mixers.registry`). Then every layer pattern, training,
+    evaluation, analysis, bench, generation and the study take it like a built-in mixer.
+
+    What a subclass defines:
+      `forward(x, inputs) -> MixerOutput` (required). `x` is the normalised input [batch, seq, hidden];
+        `inputs` (`MixerInputs`) holds RoPE's cos/sin, the key-padding mask (True = real token; padded rows
+        need no particular output, but real tokens must never read padded ones), the Q/K source when
+        `qk_source` is set, and the flags below. Return the new states [batch, seq, hidden] in
+        `MixerOutput.hidden_states`; the layer adds them to the residual stream. Causal: position i may read
+        positions ≤ i only.
+      The reference path: when `inputs.reference` is set, compute the same function the slow, explicit way
+        (float32, L×L when the mixer has a map), so a fast path can be tested against it.
+      Maps: when `has_mixing_matrix` and `inputs.need_weights` (or `need_scores`), also return the map A
+        [batch, heads, seq, seq] that was applied (rows of a normalised map sum to 1) in
+        `MixerOutput.weights` (the pre-normalisation activations in `scores`, NaN where masked); the
+        indicators of `attnlab analyze` are computed from it. A mixer without a map sets
+        `has_mixing_matrix = False` and its indicators are "n/a".
+      `cache_layer(config, layer_idx)` (optional): the layer's incremental-decoding state, a transformers
+        cache layer kept in the model's `AttnLabCache`. Then `forward` is also called with
+        `inputs.layer_cache` set and `x` holding only the new tokens (see the module docstring). The
+        default, None, means no incremental decoding: `generate` recomputes the whole sequence each step.
+      `cost(config, batch, seq_len, dtype_bytes, cached)` (optional; `attnlab bench` needs it): the
+        analytic FLOPs and cache bytes of one layer (`MixerCost`).
+      Settings of its own (a window, a rank, ...): read them with `self.options(config)`, from the config's
+        `mixer_options` ({name: {option: value}}), so they are saved with the model.
+      `qk_source`: where the queries/keys come from when not from `x` (built-in relaxations only): None,
+        `"static_embeddings"` (staticembqk), `"shadow_noise"` (rndembqk) or `"shadow_tokens"` (fixedseqqk).
+        The decoder layer passes that source through its own attention pre-norm (docs/method.md §3).
     """
 
     name: ClassVar[str]
@@ -102,20 +135,34 @@ class Mixer(nn.Module):
         self.scaling = self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, inputs: MixerInputs) -> MixerOutput:
-        raise NotImplementedError
+        raise NotImplementedError(f"mixer {type(self).__qualname__} must define forward(x, inputs)")
+
+    @classmethod
+    def options(cls, config: AttnLabConfig) -> dict[str, Any]:
+        """This mixer's settings from `config.mixer_options[name]` (empty when none were given)."""
+        return dict((config.mixer_options or {}).get(cls.name, {}))
+
+    @classmethod
+    def cache_layer(cls, config: AttnLabConfig, layer_idx: int) -> CacheLayerMixin | None:
+        """A fresh decode state for one layer of this mixer (kept in `AttnLabCache.layers[layer_idx]`), or
+        None: no incremental decoding (`generate` then recomputes the whole sequence every step)."""
+        return None
 
     @classmethod
     def cost(
         cls, config: AttnLabConfig, batch: int, seq_len: int, dtype_bytes: int = 2, cached: bool = True
     ) -> MixerCost:
-        """Analytic cost of one layer of this mixer (`MixerCost`; spec §8, corrected where noted per mixer).
+        """Analytic cost of one layer of this mixer (`MixerCost`; docs/method.md §8, corrected where noted per mixer).
 
         `seq_len` is the context L: the prefill length, and the number of cached tokens before the decode
-        step. `dtype_bytes` is the compute dtype's size (2 = half precision, as spec §8 quotes; 4 = fp32).
+        step. `dtype_bytes` is the compute dtype's size (2 = half precision, as the paper quotes; 4 = fp32).
         `cached=True` counts the prefill that also builds the decode cache (generation); `cached=False`
         the plain forward of training.
         """
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"mixer {cls.name!r} defines no analytic cost; implement {cls.__qualname__}.cost (see attnlab.Mixer) "
+            "to bench it"
+        )
 
 
 class ProjectedMixer(Mixer):
@@ -155,7 +202,7 @@ class ProjectedMixer(Mixer):
         return self.split_heads(self.v_proj(x))  # [batch, kv_heads, seq, head_dim]
 
     def project_heads(self, x: torch.Tensor, inputs: MixerInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k from `inputs.qk_source` if given, else from `x` (spec §3); v from `x`. Split into heads
+        """q, k from `inputs.qk_source` if given, else from `x` (docs/method.md §3); v from `x`. Split into heads
         [batch, (kv_)heads, seq, head_dim] and QK-normed, no RoPE.
 
         (One matmul over the concatenated W_q, W_k, W_v was measured: the matmul gets slightly faster, but

@@ -1,4 +1,4 @@
-"""`fixedseqqk`: input-independent maps from a fixed natural-language sequence (spec §3).
+"""`fixedseqqk`: input-independent maps from a fixed natural-language sequence (docs/method.md §3).
 
 As `rndembqk`, but the shadow stream starts from X_0 = Emb(t_s): the trainable embeddings of a fixed
 sequence of token ids t_s of length L_max, stored in the checkpoint (`model.shadow_token_ids`). The
@@ -7,12 +7,18 @@ corpus gets ids drawn uniformly from the vocabulary with `config.fixed_sequence_
 `rndembqk`, maps are indexed by position in the input: pad batches on the right.
 """
 
+from ..cache import SharedMapLayer
 from .standard import StandardAttention, shared_map_cost
 
 
 class FixedSequenceQK(StandardAttention):
     name = "fixedseqqk"
     qk_source = "shadow_tokens"
+
+    @classmethod
+    def cache_layer(cls, config, layer_idx):
+        """The shared shadow query/key tables and the batch's values (`attnlab.cache.SharedMapLayer`)."""
+        return SharedMapLayer()
 
     @classmethod
     def cost(cls, config, batch, seq_len, dtype_bytes=2, cached=True):

@@ -1,4 +1,4 @@
-"""`nonapprox`: no pairwise similarity — one self-gated score per position (spec §3).
+"""`nonapprox`: no pairwise similarity — one self-gated score per position (docs/method.md §3).
 
     q = SiLU(W_q x + b_q),  k = W_k x + b_k,  v = W_v x + b_v,  s_j = q_j·k_j / sqrt(d_h),
     A_ij = exp(s_j) / Σ_{j' ≤ i} exp(s_j')   for j ≤ i.
@@ -17,8 +17,8 @@ norm is applied to the projections before the SiLU. Layout: [batch, heads, seq, 
 Cached decoding keeps the chunked path's carry as the layer's recurrent state
 (`attnlab.cache.RecurrentStateLayer`, float32): the running max m [B,H], Σ_j exp(s_j − m)·v_j [B,H,d_h]
 and Σ_j exp(s_j − m) [B,H]. A step rescales both sums by exp(m_old − m_new) when the max grows, so
-nothing overflows however large the scores; the state has constant size (spec §8: 2Bd + 4Bh bytes) and
-a step costs O(d) per token, independent of the context (spec §8: 6Bd² with the projections).
+nothing overflows however large the scores; the state has constant size (docs/method.md §8: 2Bd + 4Bh bytes) and
+a step costs O(d) per token, independent of the context (docs/method.md §8: 6Bd² with the projections).
 
 Analytic cost (`cost`), with h heads of width d_h and n = ⌈L/C⌉ chunks of C = min(`chunk_size`, L)
 positions (the last one padded): prefill = projections (8BLd² for multi-head attention) + B·h·d_h·(4L + 2nC²)
@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..cache import PREFIX_SOFTMAX_STATE_NAMES, RecurrentStateLayer
 from .base import MixerCost, MixerInputs, MixerOutput, ProjectedMixer, allowed_positions, projection_flops
 
 PrefixSoftmaxState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # running max, Σ exp·v, Σ exp
@@ -150,10 +151,15 @@ def chunked_prefix_softmax(
 
 
 class SelfGatedPrefixSoftmax(ProjectedMixer):
-    """Per-position self-gated scores, softmax over the causal prefix (spec §3, `nonapprox`)."""
+    """Per-position self-gated scores, softmax over the causal prefix (docs/method.md §3, `nonapprox`)."""
 
     name = "nonapprox"
     chunk_size: int = 32  # fast path: positions per chunk (32 was fastest of 8–256 at L = 512–8192, cpu-tiny)
+
+    @classmethod
+    def cache_layer(cls, config, layer_idx):
+        """The running max and the two running sums of eq. 18 (module docstring)."""
+        return RecurrentStateLayer(PREFIX_SOFTMAX_STATE_NAMES)
 
     @classmethod
     def cost(cls, config, batch, seq_len, dtype_bytes=2, cached=True):

@@ -1,4 +1,4 @@
-"""`rndembqk`: input-independent maps from a fixed random sequence (spec §3).
+"""`rndembqk`: input-independent maps from a fixed random sequence (docs/method.md §3).
 
 A buffer ε ∈ R^{L_max × d}, drawn once from N(0, 1) with `config.shadow_noise_seed` and saved with the
 model, runs through the same decoder stack as a *shadow stream* (X_0 = ε, X_l = Block_l(X_{l-1}), with
@@ -11,12 +11,18 @@ The map is indexed by position in the input (0..L−1), not by `position_ids`: i
 the real tokens of a short row see a shifted block of the map. Pad on the right for these mixers.
 """
 
+from ..cache import SharedMapLayer
 from .standard import StandardAttention, shared_map_cost
 
 
 class RandomEmbeddingQK(StandardAttention):
     name = "rndembqk"
     qk_source = "shadow_noise"
+
+    @classmethod
+    def cache_layer(cls, config, layer_idx):
+        """The shared shadow query/key tables and the batch's values (`attnlab.cache.SharedMapLayer`)."""
+        return SharedMapLayer()
 
     @classmethod
     def cost(cls, config, batch, seq_len, dtype_bytes=2, cached=True):

@@ -1,4 +1,4 @@
-"""`standard`: dot-product softmax attention, as in Qwen2 (spec §3).
+"""`standard`: dot-product softmax attention, as in Qwen2 (docs/method.md §3).
 
     s_ij = RoPE_i(q_i)·RoPE_j(k_j) / sqrt(d_h),   A = softmax_j(s_ij) over j ≤ i,   o_i = Σ_j A_ij v_j.
 
@@ -17,12 +17,12 @@ padded 0.8×; B = 9, L = 2048: blocks 1.7–1.8×, padded 1.2×; B = 5, L = 4096
 
 Cached decoding (`forward_cached`): `standard` and `staticembqk` keep a KV cache (transformers'
 `DynamicLayer`) of keys after QK-norm and RoPE and of values, [batch, kv_heads, seen, head_dim]; a step
-appends the new keys/values and attends over all of them, O(seen·d) per token (spec §8: decode
+appends the new keys/values and attends over all of them, O(seen·d) per token (docs/method.md §8: decode
 6Bd² + 4BLd per layer). `rndembqk`/`fixedseqqk` read their queries and keys from the layer's shadow
 tables (computed once per cache by the model, see `attnlab.cache.SharedMapLayer`) and cache only the
 values; the batch-1 keys keep the map shared by the batch during decoding too.
 
-Analytic cost (`cost`, spec §8) per layer, batch B, context L, h heads of width d_h, KV width d_kv:
+Analytic cost (`cost`, docs/method.md §8) per layer, batch B, context L, h heads of width d_h, KV width d_kv:
 prefill = projections (W_q, W_k, W_v, W_o: 8BLd² for multi-head attention) + 4BhL²d_h (QKᵀ and AV, dense);
 decode = projections for one token (8Bd²) + 4Bh(L + 1)d_h (the new token attends over L cached keys and
 itself); cache = keys + values = 2·B·L·d_kv·bytes. Spec §8 writes 6BLd² and 6Bd²: it leaves out W_o.
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 from ..cache import SharedMapLayer
 from .base import MixerCost, MixerInputs, MixerOutput, PairwiseScoreMixer, allowed_positions, projection_flops
@@ -65,7 +66,7 @@ def fast_softmax_attention(
     """Fused causal softmax attention (`scaled_dot_product_attention`); the same function as the reference.
 
     When query/key have batch 1 and value has batch B (a map shared by the batch) and there is no padding,
-    the batch is folded into the value width, so the map is computed once: cost 2L²d + 2BL²d (spec §8); on
+    the batch is folded into the value width, so the map is computed once: cost 2L²d + 2BL²d (docs/method.md §8); on
     the CPU by `shared_map_attention` or `padded_shared_map_attention` (module docstring).
     With `past_length` > 0 the queries are the last ones of the key sequence (cached decoding).
     """
@@ -108,12 +109,12 @@ def padded_shared_map_attention(query: torch.Tensor, key: torch.Tensor, value: t
 
 
 def shared_map_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Causal softmax attention with one map per head shared by the batch (spec §3, `rndembqk`/`fixedseqqk`).
+    """Causal softmax attention with one map per head shared by the batch (docs/method.md §3, `rndembqk`/`fixedseqqk`).
 
     o_bi = Σ_{j ≤ i} A_ij v_bj with A = softmax_j(RoPE_i(q_i)·RoPE_j(k_j) / sqrt(d_h)), the same function as
     `fast_softmax_attention`. query/key: [1, heads, seq, d]; value: [batch, heads, seq, d_v] → [batch, heads,
     seq, d_v]. The batch is folded into the value width, so each block of A is computed once and applied
-    to every sequence by one matmul: QKᵀ and the softmax cost one sequence, not B (spec §8: 2L²d + 2BL²d).
+    to every sequence by one matmul: QKᵀ and the softmax cost one sequence, not B (docs/method.md §8: 2L²d + 2BL²d).
     """
     batch, heads, seq_len, value_dim = value.shape
     folded = value.permute(1, 2, 0, 3).reshape(heads, seq_len, batch * value_dim)  # [heads, seq, B·d_v]
@@ -209,7 +210,7 @@ def decode_softmax_attention(
 
 
 def shared_map_cost(config, batch: int, seq_len: int, dtype_bytes: int = 2, cached: bool = True) -> MixerCost:
-    """Cost of a layer whose map is input-independent (`rndembqk`, `fixedseqqk`; spec §8, corrected).
+    """Cost of a layer whose map is input-independent (`rndembqk`, `fixedseqqk`; docs/method.md §8, corrected).
 
     precompute: W_q, W_k on the L_max shadow rows, once per model/cache (the shadow stream through the
     other layers is their cost at batch 1, not this mixer's). prefill: W_v, W_o per sequence, the map
@@ -233,9 +234,14 @@ def shared_map_cost(config, batch: int, seq_len: int, dtype_bytes: int = 2, cach
 
 
 class StandardAttention(PairwiseScoreMixer):
-    """Softmax attention over RoPE'd dot products (spec §3, `standard`)."""
+    """Softmax attention over RoPE'd dot products (docs/method.md §3, `standard`)."""
 
     name = "standard"
+
+    @classmethod
+    def cache_layer(cls, config, layer_idx):
+        """transformers' KV cache of RoPE'd keys and values (module docstring)."""
+        return DynamicLayer()
 
     @classmethod
     def cost(cls, config, batch, seq_len, dtype_bytes=2, cached=True):

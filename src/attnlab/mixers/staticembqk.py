@@ -1,4 +1,4 @@
-"""`staticembqk`: queries and keys from the static input embeddings (spec §3).
+"""`staticembqk`: queries and keys from the static input embeddings (docs/method.md §3).
 
     e = Emb(t) (the embedding output, before layer 1),  q, k = W_q RMSNorm_l(e) + b_q, W_k RMSNorm_l(e) + b_k,
     RoPE and softmax as in `standard`, v from the layer's own input x.
