@@ -4,6 +4,7 @@ analyze → bench → generate → study like a built-in mixer."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,16 +17,18 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "my_mixer"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    """The example installed (no dependencies, no build isolation: offline) into a folder of its own."""
-    target = tmp_path_factory.mktemp("site")
+    """The example installed (no dependencies, no build isolation: offline) into a folder of its own, built from
+    a copy (a build writes beside the sources)."""
+    source, target = tmp_path_factory.mktemp("example") / "my_mixer", tmp_path_factory.mktemp("site")
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target"]
-    subprocess.run([*command, str(target), str(EXAMPLE)], check=True, capture_output=True, timeout=300)
+    subprocess.run([*command, str(target), str(source)], check=True, capture_output=True, timeout=300)
     assert list(target.glob("attnlab_my_mixer-*.dist-info/entry_points.txt"))
     return target
 
 
 def run_fresh(site: Path, script: str, cwd: Path) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    environment = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, env=environment, capture_output=True, text=True
     )
