@@ -154,3 +154,29 @@ def test_top_level_modules_have_docstrings():
         if not ast.get_docstring(ast.parse(path.read_text(), filename=str(path)))
     ]
     assert not missing, f"modules without a docstring: {missing}"
+
+
+def test_code_and_docs_cite_only_what_the_repository_holds():
+    """The method is docs/method.md; nothing points at the spec file outside the repository."""
+    root = PACKAGE_DIR.parents[1]
+    texts = [*PACKAGE_DIR.rglob("*.py"), *PACKAGE_DIR.rglob("*.yaml"), root / "README.md", *root.glob("docs/*.md")]
+    dangling = [
+        f"{path.relative_to(root)}:{number}"
+        for path in texts
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if "spec §" in line or "shared/spec" in line
+    ]
+    assert (root / "docs" / "method.md").is_file() and dangling == []
+
+
+def test_no_closed_list_of_mixer_names_outside_the_builtin_registration():
+    """Mixers are known through the registry (`attnlab.mixers.registry`), not through lists of the seven names."""
+    seven = ["standard", "mlp", "approximate", "nonapprox", "rndembqk", "fixedseqqk", "staticembqk"]
+    closed = []
+    for path in PACKAGE_DIR.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                names = {element.value for element in node.elts if isinstance(element, ast.Constant)}
+                if len(names & set(seven)) >= 3:
+                    closed.append(f"{path.relative_to(PACKAGE_DIR)}:{node.lineno}")
+    assert closed == []
