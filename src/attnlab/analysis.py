@@ -428,17 +428,17 @@ def _check_arguments(checkpoints, out, data, num_seqs, seq_len, batch_size, heat
             raise ValueError(
                 f"metrics file {_metrics_path(path)} does not exist; give a run folder or its metrics.jsonl"
             )
-    _check_output_folder(Path(out))
+    check_output_folder(Path(out), "indicators.json and the figures")
 
 
-def _check_output_folder(out: Path) -> None:
+def check_output_folder(out: Path, contents: str) -> None:
     """Refuse, with one line and before any work, an output folder that cannot be written: an existing file,
     a folder whose parent does not exist, or a place where nothing can be created. Leaves nothing behind: the
     folder itself is created only when the results are written."""
     from .runconfig import cannot_create_in
 
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; give a folder for indicators.json and the figures")
+        raise ValueError(f"--out {out} is a file, not a folder; give a folder for {contents}")
     place = out if out.is_dir() else out.parent
     if not place.is_dir():
         raise ValueError(f"--out {out}: folder {place} does not exist")

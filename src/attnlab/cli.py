@@ -260,6 +260,17 @@ def command_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_circuits(args: argparse.Namespace) -> int:
+    from .circuits import run_circuits
+
+    summary = run_circuits(args.checkpoints, args.out, args.task, args.num_examples, args.mode, args.block)
+    for label, entry in summary["models"].items():
+        baseline = entry["ablation"]["baseline"]["accuracy"]
+        print(f"attnlab: {label}: {entry['task']} accuracy {100 * baseline:.1f} %", file=sys.stderr)
+    print(f"attnlab: scores and ablations in {summary['circuits_path']}, figures in {args.out}", file=sys.stderr)
+    return 0
+
+
 def command_recall(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_recall
     from .runconfig import lock_output_file, write_text_atomic
@@ -505,6 +516,23 @@ def build_parser() -> argparse.ArgumentParser:
     recall.add_argument("--out", default="recall.json", help="results file (default: recall.json)")
     recall.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     recall.set_defaults(handler=command_recall)
+
+    circuits = subcommands.add_parser(
+        "circuits",
+        help="per-head previous-token, induction, duplicate-token and sink scores, and head/layer ablations",
+        description="For models trained on a synthetic task: each head's circuit scores on repeated random blocks "
+        "(attnlab.circuits) and the task accuracy with each layer, and each head, mean- (or zero-) ablated. "
+        "Writes OUT/circuits.json and a heatmap figure per model.",
+    )
+    circuits.add_argument("checkpoints", nargs="+", metavar="CKPT", help="training output folder or checkpoint-<step>")
+    circuits.add_argument("--out", required=True, help="output folder")
+    circuits.add_argument("--task", help="task spec, e.g. mqar:pairs=4 (default: each run's --data)")
+    circuits.add_argument("--num-examples", type=_positive_int, default=256, help="held-out examples (default 256)")
+    circuits.add_argument("--mode", default="mean", choices=("mean", "zero"), help="ablation (default: mean)")
+    circuits.add_argument(
+        "--block", type=_positive_int, help="repeated-block length of the scores (default: L/2, ≤ 32)"
+    )
+    circuits.set_defaults(handler=command_circuits)
 
     study = subcommands.add_parser(
         "study",

@@ -549,3 +549,50 @@ __all__ = [
     "train_throughput",
     "train_throughput_figure",
 ]
+
+
+CIRCUIT_PANELS = (
+    ("previous_token", "previous-token score"),
+    ("induction", "induction score"),
+    ("duplicate_token", "duplicate-token score"),
+    ("sink", "sink score"),
+)
+
+
+def circuit_heatmaps(entry: dict, out_dir: str | Path, name: str) -> list[Path]:
+    """Layers × heads heatmaps of one model's circuit scores and of the accuracy lost when each head is
+    ablated (`attnlab.circuits.checkpoint_circuits`); grey cells with "n/a": no map, or no heads."""
+    fig = circuit_figure(entry)
+    return _save(fig, out_dir, name)
+
+
+def circuit_figure(entry: dict) -> Figure:
+    layers = len(entry["mixer_types"])
+    heads = max((len(scores["sink"]) for scores in entry["scores"] if scores), default=1)
+    baseline = entry["ablation"]["baseline"]["accuracy"]
+    matrices = []
+    for key, title in CIRCUIT_PANELS:
+        rows = [scores[key] if scores else [math.nan] * heads for scores in entry["scores"]]
+        matrices.append((title, np.array(rows, dtype=float), (0.0, 1.0)))
+    drops = [
+        [baseline - head["accuracy"] for head in layer["heads"]] if layer["heads"] else [math.nan] * heads
+        for layer in entry["ablation"]["layers"]
+    ]
+    drop_matrix = np.array(drops, dtype=float)
+    limit = max(0.01, float(np.nanmax(np.abs(drop_matrix))) if np.isfinite(drop_matrix).any() else 0.01)
+    matrices.append((f"accuracy drop, head {entry['ablation']['mode']}-ablated", drop_matrix, (-limit, limit)))
+    fig = Figure(figsize=(3.0 * len(matrices), 0.5 * layers + 1.6), layout="constrained")
+    axes = fig.subplots(1, len(matrices), squeeze=False)[0]
+    labels = [f"{index + 1} {mixer}" for index, mixer in enumerate(entry["mixer_types"])]
+    for ax, (title, matrix, (low, high)) in zip(axes, matrices):
+        cmap = colormaps["RdBu_r" if low < 0 else "viridis"].with_extremes(bad="0.85")
+        image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=low, vmax=high, aspect="auto")
+        for (row, column), value in np.ndenumerate(matrix):
+            ax.text(column, row, "n/a" if math.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(matrix.shape[1]), [str(head) for head in range(matrix.shape[1])])
+        ax.set_yticks(range(layers), labels if ax is axes[0] else [""] * layers)
+        ax.set_xlabel("head")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.suptitle(f"{Path(entry['checkpoint']).name}: {entry['task']} (accuracy {baseline:.3f})", fontsize=10)
+    return fig
