@@ -181,3 +181,57 @@ def test_attnlab_circuits_refuses_bad_input_in_one_line(recall_run, tmp_path, ca
     assert "is a file, not a folder" in capsys.readouterr().err
     assert cli.main(["circuits", str(tmp_path / "missing"), "--out", str(tmp_path / "c")]) == 2
     assert not (tmp_path / "c").exists()
+
+
+def _circuits_entry(previous: float, accuracy: float, head_drop: float) -> dict:
+    """A one-model circuits.json entry: layer 1 mlp (no map), layer 2 standard with two heads."""
+    standard_scores = {"previous_token": [previous, 0.1], "induction": [0.2, 0.6], "duplicate_token": [0.0, 0.1]}
+    return {
+        "mixer_types": ["mlp", "standard"],
+        "scores": [None, {**standard_scores, "sink": [0.3, 0.2]}],
+        "ablation": {
+            "mode": "mean",
+            "baseline": {"accuracy": accuracy, "loss": 1.0},
+            "layers": [
+                {"layer": 0, "mixer": "mlp", "accuracy": accuracy - 0.1, "loss": 1.0, "heads": None},
+                {
+                    "layer": 1,
+                    "mixer": "standard",
+                    "accuracy": 0.1,
+                    "loss": 2.0,
+                    "heads": [{"accuracy": head_drop, "loss": 1.5}, {"accuracy": accuracy, "loss": 1.0}],
+                },
+            ],
+        },
+    }
+
+
+def test_the_reports_who_does_what_section_tests_the_hypothesis_on_each_model(tmp_path):
+    import json
+
+    from attnlab.report import circuits_section
+    from attnlab.study import Run, Study
+    from attnlab.studyfolder import STUDY_FILES, run_folder
+
+    runs = [
+        Run(f"recall-hybrid-{name}", "recall", "hybrid", name, f"hybrid:{name}", "cpu-tiny", {}, {})
+        for name in ("a", "b", "c")
+    ]
+    entries = {  # a: recalls with a previous-token head (fits); b: fails without one (fits); c: recalls without
+        "a": _circuits_entry(previous=0.9, accuracy=0.98, head_drop=0.2),
+        "b": _circuits_entry(previous=0.2, accuracy=0.40, head_drop=0.3),
+        "c": _circuits_entry(previous=0.3, accuracy=0.95, head_drop=0.9),
+    }
+    for run in runs:
+        folder = run_folder(tmp_path, run.name) / STUDY_FILES / "circuits"
+        folder.mkdir(parents=True)
+        record = {"models": {run.name: entries[run.mixer]}}
+        (folder / "circuits.json").write_text(json.dumps(record))
+    lines = circuits_section(tmp_path, Study("s", runs))
+    table = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| hybrid")}
+    assert table["hybrid a"].startswith("| hybrid a | xS | 98.0 | L2.H0 (0.90) | L2.H1 (0.60) | L2.H0 (20.0) |")
+    assert table["hybrid a"].endswith("| L2 standard: 10.0 | yes |")
+    assert table["hybrid b"].endswith("| yes |") and table["hybrid c"].endswith("| no |")
+    claim = next(line for line in lines if line.startswith("- **"))
+    assert claim.startswith("- **fails for 1 of 3**") and "Fit: hybrid a, hybrid b. Do not fit: hybrid c." in claim
+    assert circuits_section(tmp_path, Study("s", [])) == []

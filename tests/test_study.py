@@ -235,6 +235,11 @@ def test_a_miniature_study_runs_every_stage_and_writes_the_report(finished):
     report = (finished / "report.md").read_text()
     assert "| standard | standard |" in report and "| skip | mlp |" in report
     assert "| lastword acc | lastword ppl | cloze acc |" in report
+    circuits = json.loads(
+        (run_folder(finished, study.runs[1].name) / "study" / "circuits" / "circuits.json").read_text()
+    )
+    assert next(iter(circuits["models"].values()))["mixer_types"] == ["mlp", "standard"]
+    assert "## Who does what" in report and "| hybrid mlp | xS |" in report
     assert "## The paper's claims, checked on this run" in report
     not_checked = next(line for line in report.splitlines() if line.startswith("Not checked here"))
     assert "uniform mlp collapses" in not_checked and "Skip collapses" not in not_checked  # mini has a skip row

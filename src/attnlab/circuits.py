@@ -167,7 +167,12 @@ def ablation_sweep(model, input_ids: torch.Tensor, labels: torch.Tensor, mode: s
 
 
 def checkpoint_circuits(
-    checkpoint, task_spec: str | None = None, num_examples: int = 256, mode: str = "mean", block: int | None = None
+    checkpoint,
+    task_spec: str | None = None,
+    num_examples: int = 256,
+    mode: str = "mean",
+    block: int | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Scores and ablation effects of one checkpoint trained on a synthetic task (or on `task_spec`): the
     head scores on repeated blocks of `block` tokens (default: half the trained length, at most 32 and below
@@ -181,7 +186,7 @@ def checkpoint_circuits(
     spec = task_spec or train.get("data")
     if not (isinstance(spec, str) and synthetic.is_task_spec(spec)):
         raise ValueError(f"{checkpoint} was not trained on a synthetic task; give one with --task, e.g. mqar:pairs=4")
-    loaded = load_checkpoint(checkpoint, with_tokenizer=False)
+    loaded = load_checkpoint(checkpoint, device=device, with_tokenizer=False)
     model = loaded.model.eval()
     seq_len = trained_seq_len(checkpoint) or model.config.max_position_embeddings
     task = synthetic.parse_task_spec(spec, seq_len)
@@ -204,6 +209,7 @@ def run_circuits(
     num_examples: int = 256,
     mode: str = "mean",
     block: int | None = None,
+    device: str = "cpu",
 ) -> dict:
     """`checkpoint_circuits` of every checkpoint; writes OUT/circuits.json and one heatmap figure per model
     (OUT/circuits-<label>.png/.svg). Bad input fails in one line before any model runs."""
@@ -223,7 +229,7 @@ def run_circuits(
         check_checkpoint(Path(checkpoint))
     labels = checkpoint_labels(checkpoints)
     models = {
-        label: checkpoint_circuits(path, task_spec, num_examples, mode, block)
+        label: checkpoint_circuits(path, task_spec, num_examples, mode, block, device)
         for label, path in zip(labels, checkpoints)
     }
     out.mkdir(exist_ok=True)

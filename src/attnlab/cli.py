@@ -262,8 +262,10 @@ def command_analyze(args: argparse.Namespace) -> int:
 
 def command_circuits(args: argparse.Namespace) -> int:
     from .circuits import run_circuits
+    from .train import pick_device
 
-    summary = run_circuits(args.checkpoints, args.out, args.task, args.num_examples, args.mode, args.block)
+    device = str(pick_device(args.device))
+    summary = run_circuits(args.checkpoints, args.out, args.task, args.num_examples, args.mode, args.block, device)
     for label, entry in summary["models"].items():
         baseline = entry["ablation"]["baseline"]["accuracy"]
         print(f"attnlab: {label}: {entry['task']} accuracy {100 * baseline:.1f} %", file=sys.stderr)
@@ -524,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(attnlab.circuits) and the task accuracy with each layer, and each head, mean- (or zero-) ablated. "
         "Writes OUT/circuits.json and a heatmap figure per model.",
     )
-    circuits.add_argument("checkpoints", nargs="+", metavar="CKPT", help="training output folder or checkpoint-<step>")
+    add_checkpoint_arguments(circuits)
     circuits.add_argument("--out", required=True, help="output folder")
     circuits.add_argument("--task", help="task spec, e.g. mqar:pairs=4 (default: each run's --data)")
     circuits.add_argument("--num-examples", type=_positive_int, default=256, help="held-out examples (default 256)")

@@ -42,6 +42,8 @@ CLOZE_CHANCE = 25.0  # percent: one ending of four
 # Fractions of a corpus run's optimizer steps over which its training loss is averaged: the hybrid claim
 # sets the gap to standard in the middle of training beside the gap at the end (same data, same order).
 LOSS_WINDOWS = ((0.4, 0.5), (0.9, 1.0))
+PREVIOUS_TOKEN_HEAD = 0.5  # a head whose previous-token score reaches this can host the previous-token step
+RECALLS_PERCENT = 90.0  # an MQAR accuracy from which a model counts as recalling
 
 
 @dataclass
@@ -782,6 +784,85 @@ def software_line(record: dict[str, str | None]) -> str:
     return f"Written with {packages}; installed packages: {record.get('lock')}."
 
 
+# --- who does what (attnlab circuits on the recall runs) ----------------------------------------------------
+
+
+def _best_head(scores: list[dict | None], name: str) -> tuple[float, str] | None:
+    """(score, "L<layer>.H<head>", layers from 1) of the head with the highest `name` score, or None."""
+    candidates = [
+        (values[name][head], f"L{layer + 1}.H{head}")
+        for layer, values in enumerate(scores)
+        if values
+        for head in range(len(values[name]))
+    ]
+    return max(candidates) if candidates else None
+
+
+def _largest_drop(ablation: dict) -> tuple[float, str] | None:
+    """(accuracy after, "L<layer>.H<head>") of the head whose ablation costs the most accuracy, or None."""
+    candidates = [
+        (head["accuracy"], f"L{layer['layer'] + 1}.H{index}")
+        for layer in ablation["layers"]
+        if layer["heads"]
+        for index, head in enumerate(layer["heads"])
+    ]
+    return min(candidates) if candidates else None
+
+
+def circuits_section(out: Path, study) -> list[str]:
+    """ "Who does what": per recall model, its strongest previous-token and induction heads (by score), the
+    head and layer whose ablation costs the most accuracy, and the hypothesis "a model recalls iff some layer
+    hosts a previous-token head" checked on each (`attnlab.circuits`; empty when no recall run has one)."""
+    lines, fits, misfits = [], [], []
+    for run in study.runs:
+        record = _read_json(run_folder(out, run.name) / STUDY_FILES / "circuits" / "circuits.json")
+        if run.data != "recall" or record is None:
+            continue
+        entry = next(iter(record["models"].values()))
+        accuracy = 100 * entry["ablation"]["baseline"]["accuracy"]
+        previous = _best_head(entry["scores"], "previous_token")
+        induction = _best_head(entry["scores"], "induction")
+        head_drop = _largest_drop(entry["ablation"])
+        layer = min(entry["ablation"]["layers"], key=lambda item: item["accuracy"])
+        hosts = previous is not None and previous[0] >= PREVIOUS_TOKEN_HEAD
+        recalls = accuracy >= RECALLS_PERCENT
+        label = run.mixer if run.kind == "standard" else f"{run.kind} {run.mixer}"
+        (fits if hosts == recalls else misfits).append(label)
+        lines.append(
+            f"| {label} | {''.join('S' if name == 'standard' else 'x' for name in entry['mixer_types'])} "
+            f"| {accuracy:.1f} | {_head_cell(previous)} | {_head_cell(induction)} "
+            f"| {_head_cell(head_drop, percent=True)} | L{layer['layer'] + 1} {layer['mixer']}: "
+            f"{100 * layer['accuracy']:.1f} | {'yes' if hosts == recalls else 'no'} |"
+        )
+    if not lines:
+        return []
+    verdict = "holds for every model" if not misfits else f"fails for {len(misfits)} of {len(fits) + len(misfits)}"
+    return [
+        "## Who does what",
+        "",
+        f"From `attnlab circuits` on each recall run (`runs/NAME/study/circuits/`). Scores on repeated random "
+        f"blocks; ablations replace a head's (or layer's) output by its mean over the held-out examples. A head "
+        f"hosts the previous-token step when its previous-token score is ≥ {PREVIOUS_TOKEN_HEAD}; a model recalls "
+        f"when its MQAR accuracy is ≥ {RECALLS_PERCENT:.0f} %. Layers: S standard, x the variant.",
+        "",
+        "| model | layers | MQAR % | top previous-token head | top induction head | costliest head ablated "
+        "(MQAR % after) | costliest layer ablated (MQAR % after) | fits |",
+        "| --- | --- | ---: | --- | --- | --- | --- | --- |",
+        *lines,
+        "",
+        f"- **{verdict}** — hypothesis: a model recalls iff some layer hosts a previous-token head (issue 22). "
+        f"Fit: {', '.join(fits) or 'none'}. Do not fit: {', '.join(misfits) or 'none'}.",
+        "",
+    ]
+
+
+def _head_cell(best: tuple[float, str] | None, percent: bool = False) -> str:
+    if best is None:
+        return "n/a"
+    value, head = best
+    return f"{head} ({100 * value:.1f})" if percent else f"{head} ({value:.2f})"
+
+
 def write_report(out: str | Path, study) -> Path:
     """Write `out/report.md`, `out/report.csv` and the recall loss curves; return the report's path."""
     out = Path(out)
@@ -820,6 +901,7 @@ def write_report(out: str | Path, study) -> Path:
     if study.name.startswith("placements:"):
         depth = next(run.model["num_hidden_layers"] for run in study.runs if "num_hidden_layers" in run.model)
         lines += placement_section(rows, study.name.split(":", 1)[1], depth, out)
+    lines += circuits_section(out, study)
     lines += ["## The paper's claims, checked on this run", ""]
     for claim in claims:
         if claim.verdict != NOT_STUDIED:

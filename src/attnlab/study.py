@@ -158,6 +158,7 @@ class Run:
                 stages.append(("skip", [*evaluate, "--skip-nonstandard", *into("skip.json")]))
         else:
             stages.append(("recall", ["recall", model, *self.eval_args, *into("recall.json")]))
+            stages.append(("circuits", ["circuits", model, *self.eval_args, "--out", str(files / "circuits")]))
             if self.skip:
                 stages.append(
                     ("recall-skip", ["recall", model, *self.eval_args, "--skip-nonstandard", *into("recall-skip.json")])
