@@ -15,6 +15,7 @@ from attnlab.circuits import (
 )
 
 from .test_model import attentive_model
+from .test_train import TINY_MODEL
 
 
 def causal_uniform(length: int) -> torch.Tensor:
@@ -136,19 +137,20 @@ def recall_run(tmp_path_factory):
     from attnlab import cli
 
     out = tmp_path_factory.mktemp("circuits") / "recall-hybrid-mlp"
-    tiny = [
-        "--hidden-size",
-        "32",
-        "--intermediate-size",
-        "64",
-        "--num-hidden-layers",
-        "2",
-        "--num-attention-heads",
-        "2",
-    ]
     recipe = ["--data", "mqar:pairs=2,vocab=16", "--seq-len", "16", "--batch-size", "8", "--global-batch-size", "8"]
     steps = ["--max-steps", "3", "--warmup-steps", "1", "--eval-every", "0", "--no-tensorboard"]
-    arguments = ["train", "--preset", "cpu-tiny", "--layers", "hybrid:mlp", *tiny, *recipe, *steps, "--out", str(out)]
+    arguments = [
+        "train",
+        "--preset",
+        "cpu-tiny",
+        "--layers",
+        "hybrid:mlp",
+        *TINY_MODEL,
+        *recipe,
+        *steps,
+        "--out",
+        str(out),
+    ]
     assert cli.main(arguments) == 0
     return out
 
