@@ -468,7 +468,7 @@ def _resolve_seq_len(seq_len: int | None, configs: list[dict], checkpoints: list
     compare across models, and no positions the models never saw in training."""
     from .evaluation import trained_seq_len
     from .mixers import get_mixer
-    from .model import SHADOW_SOURCES
+    from .mixers.base import SHADOW_SOURCES
 
     limits, defaults = [], []
     for path, config in zip(checkpoints, configs):

@@ -61,7 +61,8 @@ from .cache import AttnLabCache, RecurrentStateLayer
 from .config import AttnLabConfig
 from .environment import versions
 from .mixers import get_mixer, is_registered, mixer_names
-from .model import SHADOW_SOURCES, AttnLabForCausalLM
+from .mixers.base import SHADOW_SOURCES
+from .model import AttnLabForCausalLM
 from .presets import model_options
 from .runconfig import write_text_atomic
 

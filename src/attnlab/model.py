@@ -38,9 +38,8 @@ from .cache import CACHE_NAME, ROLLBACK_REFUSAL, AttnLabCache, RecurrentStateLay
 from .config import AttnLabConfig
 from .losses import fused_causal_lm_loss
 from .mixers import MixerInputs, MixerOutput, build_mixer
+from .mixers.base import SHADOW_SOURCES
 from .modules import RMSNorm, RotaryEmbedding, SwiGLU
-
-SHADOW_SOURCES = ("shadow_noise", "shadow_tokens")
 
 
 @dataclass
@@ -500,9 +499,7 @@ class AttnLabForCausalLM(AttnLabPreTrainedModel, GenerationMixin):
             )
         use_cache = user_cache is not None or generation_config.use_cache is not False
         layers = self.model.active_layers()
-        states = [
-            self.config.mixer_class(layer.layer_idx).cache_layer(self.config, layer.layer_idx) for layer in layers
-        ]
+        states = [layer.self_attn.cache_layer(self.config, layer.layer_idx) for layer in layers]
         if user_cache is None and None in states:  # a mixer without a decode state: recompute every step
             generation_config.use_cache = use_cache = False
         running_sums = any(isinstance(state, RecurrentStateLayer) for state in states)

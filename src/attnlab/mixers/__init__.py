@@ -33,8 +33,7 @@ _BUILTIN_CLASSES = (
     FixedSequenceQK,
     StaticEmbeddingQK,
 )
-register_builtin_mixers(_BUILTIN_CLASSES)
-BUILTIN_MIXERS: tuple[str, ...] = tuple(cls.name for cls in _BUILTIN_CLASSES)
+BUILTIN_MIXERS: tuple[str, ...] = register_builtin_mixers(_BUILTIN_CLASSES)
 
 
 def build_mixer(config, layer_idx: int) -> Mixer:

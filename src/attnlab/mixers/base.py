@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from ..config import AttnLabConfig
 
 # Where a mixer may take its queries and keys from instead of its own input (`Mixer.qk_source`).
-QK_SOURCES = (None, "static_embeddings", "shadow_noise", "shadow_tokens")
+SHADOW_SOURCES = ("shadow_noise", "shadow_tokens")  # fixed sequences run through the same layers (rndembqk, fixedseqqk)
+QK_SOURCES = (None, "static_embeddings", *SHADOW_SOURCES)
 
 
 @dataclass

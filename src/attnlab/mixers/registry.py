@@ -20,6 +20,7 @@ without it can say what to install).
 
 from __future__ import annotations
 
+import functools
 import re
 from importlib import metadata
 
@@ -62,11 +63,12 @@ def register_mixer(cls: type[Mixer]) -> type[Mixer]:
     return cls
 
 
-def register_builtin_mixers(classes: tuple[type[Mixer], ...]) -> None:
-    """Register attnlab's own mixers (called once, by `attnlab.mixers`)."""
+def register_builtin_mixers(classes: tuple[type[Mixer], ...]) -> tuple[str, ...]:
+    """Register attnlab's own mixers (called once, by `attnlab.mixers`); returns their names in order."""
     for cls in classes:
         register_mixer(cls)
         _builtin_names.add(cls.name)
+    return tuple(cls.name for cls in classes)
 
 
 def _load_entry_points() -> None:
@@ -78,7 +80,7 @@ def _load_entry_points() -> None:
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             loaded = entry_point.load()
-        except Exception as error:  # noqa: BLE001 — one broken plugin must not hide the others
+        except Exception as error:  # noqa: BLE001 — whatever the plugin raises, say which entry point it was
             raise ImportError(
                 f"the attnlab mixer entry point {entry_point.name} = {entry_point.value!r} (package "
                 f"{entry_point.dist.name if entry_point.dist else '?'}) failed to import: {error}"
@@ -117,8 +119,15 @@ def is_builtin(name: str) -> bool:
     return name in _builtin_names
 
 
+@functools.cache
+def _packages_distributions() -> dict[str, list[str]]:
+    """Import name → distributions, read once: it scans every installed distribution (every config of a model
+    with a non-built-in mixer asks)."""
+    return metadata.packages_distributions()
+
+
 def mixer_package(name: str) -> str:
     """Where a mixer that is not built in comes from: its installed distribution's name, or else its module."""
     module = get_mixer(name).__module__
-    distributions = metadata.packages_distributions().get(module.split(".")[0])
+    distributions = _packages_distributions().get(module.split(".")[0])
     return distributions[0] if distributions else module
