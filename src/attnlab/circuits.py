@@ -16,6 +16,19 @@ averaged over the batch; a mixer without a map (`mlp`) has no scores (None, show
 A uniform causal head scores (1/(L − 1)) Σ_{i=1}^{L−1} 1/(i + 1) previous-token; a perfect previous-token
 head 1; a perfect induction head 1.
 
+On the task's own sequences (MQAR, `attnlab.synthetic`: k₁ v₁ … k_P v_P, then queries `k _` whose answer is
+the value paired with k), the two steps of the recall circuit, per head, on the held-out examples:
+
+  task previous-token   mean over the context's value positions 2i + 1 of A[2i + 1, 2i]: the value reads its
+                        own key, which writes the key into the value's position.
+  retrieval             mean over the scored query positions t of A[t, p], p the position of the asked
+                        value: the query reads the value whose position now carries the matching key.
+
+In-context learning score (text models; Olsson et al. 2022 compare the loss of token 500 with token 50 of a
+512-token context): the mean held-out loss of the tokens in the last sixteenth of the context [15L/16, L) minus
+that of the tokens in [L/16, L/8) (bands around the same fractions, averaged over every sequence). Negative:
+later tokens are predicted better, the model uses its context.
+
 Ablations (`ablated`): one layer's mixer output, or one head's slice of it (the input of the mixer's output
 projection `o_proj`, one d_h-wide slice per head), replaced by its mean over the batch at each position
 ("mean") or by zeros ("zero"), in every pass through that layer.
@@ -29,8 +42,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from .losses import IGNORE_INDEX
 
 SCORE_NAMES = ("previous_token", "duplicate_token", "induction", "sink")
+TASK_SCORE_NAMES = ("previous_token", "retrieval")
 ABLATION_MODES = ("mean", "zero")
 
 
@@ -94,6 +111,58 @@ def head_scores(
     return layers
 
 
+def mqar_scores(
+    maps: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, num_pairs: int
+) -> dict[str, torch.Tensor]:
+    """Per head [heads], on MQAR examples (input_ids, labels: [batch, L]; maps: [batch, heads, L, L]): the task
+    previous-token score at the context's value positions and the retrieval score at the scored query positions
+    (module docstring)."""
+    values = torch.arange(1, 2 * num_pairs, 2)  # positions of v₁ … v_P
+    previous = maps[:, :, values, values - 1].double().mean(dim=(0, -1))  # A[2i + 1, 2i]
+    rows, queries = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # a label at t + 1 scores position t
+    answers = labels[rows, queries + 1]  # [scored]
+    sources = (input_ids[rows, : 2 * num_pairs] == answers[:, None]).int().argmax(dim=1)  # where each answer is
+    retrieval = maps[rows, :, queries, sources].double().mean(dim=0)  # A[t, p]: [scored, heads] → [heads]
+    return {"previous_token": previous, "retrieval": retrieval}
+
+
+def task_head_scores(model, task, input_ids: torch.Tensor, labels: torch.Tensor) -> list[dict | None] | None:
+    """`mqar_scores` of every layer's heads on the task's examples ({score: [per head]} per layer, None for a
+    layer without a map); None for a task other than MQAR (an induction task's sequences are repeated blocks,
+    which `head_scores` already measures)."""
+    if task.name != "mqar":
+        return None
+    with torch.no_grad():
+        maps = model(input_ids.to(model.device), output_attentions=True).attentions
+    per_layer = [None if m is None else mqar_scores(m.cpu(), input_ids, labels, task.num_pairs) for m in maps]
+    return [None if scores is None else {name: v.tolist() for name, v in scores.items()} for scores in per_layer]
+
+
+def position_losses(model, sequences: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """[L − 1] float64: entry p − 1 is the mean loss of token p (predicted from tokens 0 … p − 1) over the
+    sequences [n, L]."""
+    total = torch.zeros(sequences.shape[1] - 1, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            batch = sequences[start : start + batch_size].to(model.device)
+            logits = model(input_ids=batch).logits[:, :-1].float()  # [batch, L − 1, vocab]
+            losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # [batch, L − 1]
+            total += losses.double().sum(dim=0).cpu()
+    return total / len(sequences)
+
+
+def in_context_score(losses: torch.Tensor) -> float:
+    """Mean loss of the tokens in [15L/16, L) minus that of the tokens in [L/16, L/8) (module docstring);
+    `losses` as from `position_losses` (L − 1 entries, L ≥ 16)."""
+    length = len(losses) + 1
+    if length < 16:
+        raise ValueError(f"the in-context-learning score needs sequences of at least 16 tokens, got {length}")
+    token = torch.arange(1, length)
+    early = (token >= length // 16) & (token < length // 8)
+    late = token >= length - length // 16
+    return (losses[late].mean() - losses[early].mean()).item()
+
+
 def _replacement(tensor: torch.Tensor, mode: str) -> torch.Tensor:
     """Mean over the batch at each position (broadcast back), or zeros."""
     return torch.zeros_like(tensor) if mode == "zero" else tensor.mean(dim=0, keepdim=True).expand_as(tensor)
@@ -136,10 +205,11 @@ def ablated(model, layer_idx: int, head: int | None = None, mode: str = "mean") 
 
 
 def ablation_sweep(model, input_ids: torch.Tensor, labels: torch.Tensor, mode: str = "mean") -> dict:
-    """Accuracy and loss at the scored labels (`synthetic.evaluate_examples`) with nothing ablated, with each
-    layer ablated, and with each head of each layer that has per-head outputs ablated. The whole example
-    set is one batch, so a mean-ablation replaces an output by its mean over all the examples. Runs the
-    reference path: a fast path's shadow row must not enter the batch mean."""
+    """Accuracy and loss at the scored labels (`synthetic.evaluate_examples`; labels = input_ids scores every
+    next token of a text) with nothing ablated, with each layer ablated, and with each head of each layer that
+    has per-head outputs ablated. The whole example set is one batch, so a mean-ablation replaces an output by
+    its mean over all the examples. Runs the reference path: a fast path's shadow row must not enter the batch
+    mean."""
     from .synthetic import evaluate_examples
 
     def measure() -> dict[str, float]:
@@ -166,38 +236,62 @@ def ablation_sweep(model, input_ids: torch.Tensor, labels: torch.Tensor, mode: s
         model.config.mixer_implementation = implementation
 
 
+TASK_EXAMPLES = 256  # default held-out examples of a synthetic task
+TEXT_SEQUENCES = 64  # default held-out sequences of a text model
+
+
 def checkpoint_circuits(
     checkpoint,
     task_spec: str | None = None,
-    num_examples: int = 256,
+    num_examples: int | None = None,
     mode: str = "mean",
     block: int | None = None,
     device: str = "cpu",
+    data: str | None = None,
 ) -> dict:
-    """Scores and ablation effects of one checkpoint trained on a synthetic task (or on `task_spec`): the
-    head scores on repeated blocks of `block` tokens (default: half the trained length, at most 32 and below
-    the task's vocabulary), the ablation sweep on the task's first `num_examples` held-out examples."""
+    """Scores and ablation effects of one checkpoint. Trained on a synthetic task (or given `task_spec`): the
+    head scores on repeated blocks, the task's own scores (`task_head_scores`) and the ablation sweep on the
+    task's first `num_examples` (default 256) held-out examples. Trained on text: the head scores, the
+    in-context-learning score and the ablation sweep (next-token accuracy and loss) on the first
+    `num_examples` (default 64) held-out sequences of `data` (default: the checkpoint's training data).
+    Repeated blocks are `block` tokens (default: half the trained length, at most 32, below the vocabulary)."""
     from . import synthetic
+    from .data import heldout_sequences, open_corpus
     from .evaluation import check_checkpoint, load_checkpoint, train_settings, trained_seq_len
 
     checkpoint = Path(checkpoint)
     check_checkpoint(checkpoint)
     train = train_settings(checkpoint)
     spec = task_spec or train.get("data")
-    if not (isinstance(spec, str) and synthetic.is_task_spec(spec)):
-        raise ValueError(f"{checkpoint} was not trained on a synthetic task; give one with --task, e.g. mqar:pairs=4")
-    loaded = load_checkpoint(checkpoint, device=device, with_tokenizer=False)
+    on_task = isinstance(spec, str) and synthetic.is_task_spec(spec)
+    if on_task and data is not None:
+        raise ValueError(f"{checkpoint} was trained on {spec}, not on text; --data applies to text models only")
+    if not on_task and not isinstance(data or spec, str):
+        raise ValueError(f"{checkpoint} records no training data; give held-out text with --data or a task with --task")
+    loaded = load_checkpoint(checkpoint, device=device, with_tokenizer=not on_task)
     model = loaded.model.eval()
     seq_len = trained_seq_len(checkpoint) or model.config.max_position_embeddings
-    task = synthetic.parse_task_spec(spec, seq_len)
-    block = block or max(2, min(32, seq_len // 2, task.vocab_size - 1))
-    input_ids, labels = synthetic.heldout_examples(task, int(train.get("seed", 0)), num_examples)
+    if on_task:
+        task = synthetic.parse_task_spec(spec, seq_len)
+        vocab_size, chance = task.vocab_size, task.chance_accuracy
+        input_ids, labels = synthetic.heldout_examples(task, int(train.get("seed", 0)), num_examples or TASK_EXAMPLES)
+        task_scores, icl_score, what = task_head_scores(model, task, input_ids, labels), None, spec
+    else:
+        corpus = data or spec
+        sequences = heldout_sequences(open_corpus(corpus), loaded.tokenizer, seq_len, num_examples or TEXT_SEQUENCES)
+        input_ids = labels = sequences  # every next token is scored
+        vocab_size, chance, task_scores, what = model.config.vocab_size, None, None, f"held-out text of {corpus}"
+        icl_score = in_context_score(position_losses(model, sequences))
+    block = block or max(2, min(32, seq_len // 2, vocab_size - 1))
     return {
         "checkpoint": str(checkpoint),
-        "task": spec,
+        "task": what,
         "mixer_types": list(model.config.mixer_types),
+        "chance_accuracy": chance,
         "block": block,
-        "scores": head_scores(model, block, vocab_size=task.vocab_size),
+        "scores": head_scores(model, block, vocab_size=vocab_size),
+        "task_scores": task_scores,
+        "icl_score": icl_score,
         "ablation": ablation_sweep(model, input_ids, labels, mode),
     }
 
@@ -206,10 +300,11 @@ def run_circuits(
     checkpoints,
     out,
     task_spec: str | None = None,
-    num_examples: int = 256,
+    num_examples: int | None = None,
     mode: str = "mean",
     block: int | None = None,
     device: str = "cpu",
+    data: str | None = None,
 ) -> dict:
     """`checkpoint_circuits` of every checkpoint; writes OUT/circuits.json and one heatmap figure per model
     (OUT/circuits-<label>.png/.svg). Bad input fails in one line before any model runs."""
@@ -229,7 +324,7 @@ def run_circuits(
         check_checkpoint(Path(checkpoint))
     labels = checkpoint_labels(checkpoints)
     models = {
-        label: checkpoint_circuits(path, task_spec, num_examples, mode, block, device)
+        label: checkpoint_circuits(path, task_spec, num_examples, mode, block, device, data)
         for label, path in zip(labels, checkpoints)
     }
     out.mkdir(exist_ok=True)

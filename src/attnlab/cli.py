@@ -265,10 +265,15 @@ def command_circuits(args: argparse.Namespace) -> int:
     from .train import pick_device
 
     device = str(pick_device(args.device))
-    summary = run_circuits(args.checkpoints, args.out, args.task, args.num_examples, args.mode, args.block, device)
+    summary = run_circuits(
+        args.checkpoints, args.out, args.task, args.num_examples, args.mode, args.block, device, args.data
+    )
     for label, entry in summary["models"].items():
-        baseline = entry["ablation"]["baseline"]["accuracy"]
-        print(f"attnlab: {label}: {entry['task']} accuracy {100 * baseline:.1f} %", file=sys.stderr)
+        baseline = entry["ablation"]["baseline"]
+        line = f"attnlab: {label}: {entry['task']}: accuracy {100 * baseline['accuracy']:.1f} %"
+        if entry["icl_score"] is not None:
+            line += f", loss {baseline['loss']:.3f}, in-context-learning score {entry['icl_score']:+.3f} nats"
+        print(line, file=sys.stderr)
     print(f"attnlab: scores and ablations in {summary['circuits_path']}, figures in {args.out}", file=sys.stderr)
     return 0
 
@@ -522,14 +527,19 @@ def build_parser() -> argparse.ArgumentParser:
     circuits = subcommands.add_parser(
         "circuits",
         help="per-head previous-token, induction, duplicate-token and sink scores, and head/layer ablations",
-        description="For models trained on a synthetic task: each head's circuit scores on repeated random blocks "
-        "(attnlab.circuits) and the task accuracy with each layer, and each head, mean- (or zero-) ablated. "
-        "Writes OUT/circuits.json and a heatmap figure per model.",
+        description="Each head's circuit scores on repeated random blocks (attnlab.circuits), and the accuracy "
+        "with each layer, and each head, mean- (or zero-) ablated: on a synthetic task's held-out examples (with "
+        "MQAR's own previous-token and retrieval scores), or for a model trained on text on held-out text "
+        "(next-token accuracy and loss, and the in-context-learning score). Writes OUT/circuits.json and a "
+        "heatmap figure per model.",
     )
     add_checkpoint_arguments(circuits)
     circuits.add_argument("--out", required=True, help="output folder")
     circuits.add_argument("--task", help="task spec, e.g. mqar:pairs=4 (default: each run's --data)")
-    circuits.add_argument("--num-examples", type=_positive_int, default=256, help="held-out examples (default 256)")
+    circuits.add_argument("--data", help="held-out text for models trained on text (default: each run's --data)")
+    circuits.add_argument(
+        "--num-examples", type=_positive_int, help="held-out task examples (default 256) or text sequences (64)"
+    )
     circuits.add_argument("--mode", default="mean", choices=("mean", "zero"), help="ablation (default: mean)")
     circuits.add_argument(
         "--block", type=_positive_int, help="repeated-block length of the scores (default: L/2, ≤ 32)"

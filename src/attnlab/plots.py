@@ -557,6 +557,7 @@ CIRCUIT_PANELS = (
     ("duplicate_token", "duplicate-token score"),
     ("sink", "sink score"),
 )
+TASK_CIRCUIT_PANELS = (("previous_token", "task previous-token score"), ("retrieval", "task retrieval score"))
 
 
 def circuit_heatmaps(entry: dict, out_dir: str | Path, name: str) -> list[Path]:
@@ -570,9 +571,12 @@ def circuit_figure(entry: dict) -> Figure:
     layers = len(entry["mixer_types"])
     heads = max((len(scores["sink"]) for scores in entry["scores"] if scores), default=1)
     baseline = entry["ablation"]["baseline"]["accuracy"]
+    panels = [(entry["scores"], key, title) for key, title in CIRCUIT_PANELS]
+    if entry["task_scores"]:
+        panels = [(entry["task_scores"], key, title) for key, title in TASK_CIRCUIT_PANELS] + panels
     matrices = []
-    for key, title in CIRCUIT_PANELS:
-        rows = [scores[key] if scores else [math.nan] * heads for scores in entry["scores"]]
+    for per_layer, key, title in panels:
+        rows = [scores[key] if scores else [math.nan] * heads for scores in per_layer]
         matrices.append((title, np.array(rows, dtype=float), (0.0, 1.0)))
     drops = [
         [baseline - head["accuracy"] for head in layer["heads"]] if layer["heads"] else [math.nan] * heads
@@ -594,5 +598,6 @@ def circuit_figure(entry: dict) -> Figure:
         ax.set_yticks(range(layers), labels if ax is axes[0] else [""] * layers)
         ax.set_xlabel("head")
         fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.suptitle(f"{Path(entry['checkpoint']).name}: {entry['task']} (accuracy {baseline:.3f})", fontsize=10)
+    icl = "" if entry["icl_score"] is None else f", in-context-learning score {entry['icl_score']:+.3f} nats"
+    fig.suptitle(f"{Path(entry['checkpoint']).name}: {entry['task']} (accuracy {baseline:.3f}{icl})", fontsize=10)
     return fig

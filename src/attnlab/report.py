@@ -43,6 +43,7 @@ CLOZE_CHANCE = 25.0  # percent: one ending of four
 # sets the gap to standard in the middle of training beside the gap at the end (same data, same order).
 LOSS_WINDOWS = ((0.4, 0.5), (0.9, 1.0))
 PREVIOUS_TOKEN_HEAD = 0.5  # a head whose previous-token score reaches this can host the previous-token step
+RETRIEVAL_HEAD = 0.5  # a head whose MQAR retrieval score reaches this can host the retrieval step
 RECALLS_PERCENT = 90.0  # an MQAR accuracy from which a model counts as recalling
 
 
@@ -809,49 +810,92 @@ def _largest_drop(ablation: dict) -> tuple[float, str] | None:
     return min(candidates) if candidates else None
 
 
+def _hosting_layers(scores: list[dict | None], name: str, threshold: float) -> list[int]:
+    """Layers (from 0) with a head whose `name` score reaches `threshold`."""
+    return [layer for layer, values in enumerate(scores) if values and max(values[name]) >= threshold]
+
+
+def _needed_layers(entry: dict) -> str:
+    """The layers whose ablation loses at least half of the accuracy above chance ("L2 standard (18.3)"), or
+    "none"; "at chance" for a model with less than 10 points above chance to lose."""
+    baseline, chance = entry["ablation"]["baseline"]["accuracy"], entry["chance_accuracy"] or 0.0
+    if baseline - chance < 0.1:
+        return "at chance"
+    needed = [
+        f"L{layer['layer'] + 1} {layer['mixer']} ({100 * layer['accuracy']:.1f})"
+        for layer in entry["ablation"]["layers"]
+        if layer["accuracy"] <= chance + (baseline - chance) / 2
+    ]
+    return ", ".join(needed) or "none"
+
+
 def circuits_section(out: Path, study) -> list[str]:
-    """ "Who does what": per recall model, its strongest previous-token and induction heads (by score), the
-    head and layer whose ablation costs the most accuracy, and the hypothesis "a model recalls iff some layer
-    hosts a previous-token head" checked on each (`attnlab.circuits`; empty when no recall run has one)."""
-    lines, fits, misfits = [], [], []
+    """ "Who does what": per recall model, its strongest previous-token and retrieval heads on the task's own
+    examples (and previous-token and induction heads on repeated blocks), the layers it cannot recall without
+    and the head whose ablation costs the most; two hypotheses checked on each model: "a model recalls iff some
+    layer hosts the previous-token step" and "… iff a previous-token step is followed by a retrieval step in a
+    later layer" (`attnlab.circuits`; empty when no recall run has circuits)."""
+    lines, verdicts = [], {"previous-token": ([], []), "two-step": ([], [])}
     for run in study.runs:
         record = _read_json(run_folder(out, run.name) / STUDY_FILES / "circuits" / "circuits.json")
         if run.data != "recall" or record is None:
             continue
         entry = next(iter(record["models"].values()))
+        task_scores = entry["task_scores"] or entry["scores"]  # an induction task: its sequences are repeated blocks
+        retrieval_name = "retrieval" if entry["task_scores"] else "induction"
         accuracy = 100 * entry["ablation"]["baseline"]["accuracy"]
-        previous = _best_head(entry["scores"], "previous_token")
-        induction = _best_head(entry["scores"], "induction")
-        head_drop = _largest_drop(entry["ablation"])
-        layer = min(entry["ablation"]["layers"], key=lambda item: item["accuracy"])
-        hosts = previous is not None and previous[0] >= PREVIOUS_TOKEN_HEAD
+        previous_layers = _hosting_layers(task_scores, "previous_token", PREVIOUS_TOKEN_HEAD)
+        retrieval_layers = _hosting_layers(task_scores, retrieval_name, RETRIEVAL_HEAD)
+        predictions = {
+            "previous-token": bool(previous_layers),
+            "two-step": any(later > first for first in previous_layers for later in retrieval_layers),
+        }
         recalls = accuracy >= RECALLS_PERCENT
         label = run.mixer if run.kind == "standard" else f"{run.kind} {run.mixer}"
-        (fits if hosts == recalls else misfits).append(label)
+        for name, predicted in predictions.items():
+            verdicts[name][predicted != recalls].append(label)
         lines.append(
             f"| {label} | {''.join('S' if name == 'standard' else 'x' for name in entry['mixer_types'])} "
-            f"| {accuracy:.1f} | {_head_cell(previous)} | {_head_cell(induction)} "
-            f"| {_head_cell(head_drop, percent=True)} | L{layer['layer'] + 1} {layer['mixer']}: "
-            f"{100 * layer['accuracy']:.1f} | {'yes' if hosts == recalls else 'no'} |"
+            f"| {accuracy:.1f} | {_head_cell(_best_head(task_scores, 'previous_token'))} "
+            f"| {_head_cell(_best_head(task_scores, retrieval_name))} "
+            f"| {_head_cell(_best_head(entry['scores'], 'previous_token'))} "
+            f"| {_head_cell(_best_head(entry['scores'], 'induction'))} | {_needed_layers(entry)} "
+            f"| {_head_cell(_largest_drop(entry['ablation']), percent=True)} "
+            f"| {' / '.join('yes' if predicted == recalls else 'no' for predicted in predictions.values())} |"
         )
     if not lines:
         return []
-    verdict = "holds for every model" if not misfits else f"fails for {len(misfits)} of {len(fits) + len(misfits)}"
+    hypotheses = {
+        "previous-token": "a model recalls iff some layer hosts the previous-token step",
+        "two-step": "a model recalls iff a layer hosting the previous-token step is followed by a later layer "
+        "hosting the retrieval step",
+    }
+    claims = []
+    for name, (fits, misfits) in verdicts.items():
+        verdict = "holds for every model" if not misfits else f"fails for {len(misfits)} of {len(fits) + len(misfits)}"
+        claims.append(
+            f"- **{verdict}** — hypothesis: {hypotheses[name]}. Fit: {', '.join(fits) or 'none'}. "
+            f"Do not fit: {', '.join(misfits) or 'none'}."
+        )
     return [
         "## Who does what",
         "",
-        f"From `attnlab circuits` on each recall run (`runs/NAME/study/circuits/`). Scores on repeated random "
-        f"blocks; ablations replace a head's (or layer's) output by its mean over the held-out examples. A head "
-        f"hosts the previous-token step when its previous-token score is ≥ {PREVIOUS_TOKEN_HEAD}; a model recalls "
-        f"when its MQAR accuracy is ≥ {RECALLS_PERCENT:.0f} %. Layers: S standard, x the variant.",
+        f"From `attnlab circuits` on each recall run (`runs/NAME/study/circuits/`). Task scores on the held-out "
+        f"MQAR examples: previous-token = a value reading its own key, retrieval = a query reading the value of "
+        f"its key; repeated-block scores on random blocks seen twice. A layer hosts the previous-token step when "
+        f"one of its heads has a task previous-token score ≥ {PREVIOUS_TOKEN_HEAD}, the retrieval step when one "
+        f"has a retrieval score ≥ {RETRIEVAL_HEAD}; a model recalls when its MQAR accuracy is ≥ "
+        f"{RECALLS_PERCENT:.0f} %. Ablations replace a head's (or layer's) output by its mean over the held-out "
+        f"examples; a layer is needed when that loses at least half of the accuracy above chance. Layers: S "
+        f"standard, x the variant.",
         "",
-        "| model | layers | MQAR % | top previous-token head | top induction head | costliest head ablated "
-        "(MQAR % after) | costliest layer ablated (MQAR % after) | fits |",
-        "| --- | --- | ---: | --- | --- | --- | --- | --- |",
+        "| model | layers | MQAR % | previous-token head (task) | retrieval head (task) | previous-token head "
+        "(repeated blocks) | induction head (repeated blocks) | layers needed (MQAR % without) | costliest head "
+        "ablated (MQAR % after) | fits (previous-token / two-step) |",
+        "| --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- |",
         *lines,
         "",
-        f"- **{verdict}** — hypothesis: a model recalls iff some layer hosts a previous-token head (issue 22). "
-        f"Fit: {', '.join(fits) or 'none'}. Do not fit: {', '.join(misfits) or 'none'}.",
+        *claims,
         "",
     ]
 
