@@ -62,7 +62,7 @@ MUTATIONS = (
     ),
     Mutation(
         "decay-on-biases-and-norms",
-        "src/attnlab/train.py",
+        "src/attnlab/optim.py",
         "(decay if parameter.dim() >= 2 else no_decay)",
         "(decay if parameter.dim() < 2 else no_decay)",
         (f"{RECIPE}::test_weight_decay_falls_on_exactly_the_matrices_and_embeddings",),
@@ -76,10 +76,24 @@ MUTATIONS = (
     ),
     Mutation(
         "betas-swapped",
-        "src/attnlab/train.py",
-        "betas=(settings.beta1, settings.beta2)",
-        "betas=(settings.beta2, settings.beta1)",
+        "src/attnlab/optim.py",
+        "betas = (settings.beta1, settings.beta2)",
+        "betas = (settings.beta2, settings.beta1)",
         (f"{RECIPE}::test_every_update_is_adamw_with_the_run_settings",),
+    ),
+    Mutation(
+        "muon-without-nesterov",
+        "src/attnlab/optim.py",
+        "newton_schulz(grad.add(buffer, alpha=momentum))",
+        "newton_schulz(buffer)",
+        ("tests/test_optim.py::test_muon_takes_pytorchs_muon_step_with_adamw_matched_rms",),
+    ),
+    Mutation(
+        "muon-without-rms-scale",
+        "src/attnlab/optim.py",
+        "alpha=-lr * MUON_RMS_SCALE * math.sqrt(max(parameter.shape))",
+        "alpha=-lr",
+        ("tests/test_optim.py::test_muon_takes_pytorchs_muon_step_with_adamw_matched_rms",),
     ),
     Mutation(
         "warm-up-off-by-one",

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from attnlab import BUILTIN_MIXERS, AttnLabConfig, AttnLabForCausalLM
 from attnlab.kernels import taylor
 from attnlab.mixers import nonapprox, standard
+from attnlab.optim import build_optimizer
 from attnlab.runconfig import TrainConfig
-from attnlab.train import build_optimizer
 
 from .test_inspection import spec_logits
 

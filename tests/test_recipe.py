@@ -20,12 +20,13 @@ from attnlab import AttnLabConfig, AttnLabForCausalLM
 from attnlab.checkpoint import load_trainer_state
 from attnlab.cli import main
 from attnlab.data import make_train_stream, open_corpus
+from attnlab.optim import build_optimizer
 from attnlab.runconfig import TrainConfig
-from attnlab.train import build_optimizer
 
 from .test_train import logged, tiny_train_args
 
-TWO_STEPS = ("--max-steps", "2", "--save-every", "1", "--eval-every", "0")  # both steps checkpointed
+# both steps checkpointed; AdamW, the paper's optimizer (cpu-tiny's own is Muon: tests/test_optim.py)
+TWO_STEPS = ("--max-steps", "2", "--save-every", "1", "--eval-every", "0", "--optimizer", "adamw")
 
 # Float32 sums over the same 4 sequences taken in another order differ in their last bits; AdamW's
 # g / (√v + eps) amplifies that where |g| is near eps. Measured on 2 steps at LR 1e-3, 2e-3: weights ≤ 1.6e-6
@@ -163,7 +164,7 @@ def test_weight_decay_falls_on_exactly_the_matrices_and_embeddings(qk_norm, tied
 
 # A run whose every optimizer setting differs from the defaults, so a default or a constant used in their
 # place shows; the clip is far below this model's gradient norms (0.8 to 1.2), so it rescales every step.
-RECIPE = {"lr": 3e-3, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.3, "grad_clip": 0.05}
+RECIPE = {"optimizer": "adamw", "lr": 3e-3, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.3, "grad_clip": 0.05}
 RECIPE_LAYERS = ["standard", "mlp", "approximate", "staticembqk"]
 WARMUP, STEPS = 3, 8
 # Recomputing an update in float64 from the float32 checkpoints: measured ≤ 6e-8 (half a float32 ulp of a

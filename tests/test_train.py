@@ -346,15 +346,26 @@ def test_divergence_guard_can_skip_a_batch(corpus, tmp_path):
 
 
 @pytest.mark.parametrize(("parallel", "batch_size"), [("ddp", 1), ("fsdp", 2)])
-def test_two_cpu_processes_match_one_process(corpus, uninterrupted, tmp_path, parallel, batch_size):
+def test_two_cpu_processes_match_one_process(corpus, uninterrupted, tmp_path, capfd, parallel, batch_size):
     """torchrun (gloo), 2 ranks == 1 process × 4 sequences a step: the same global batches, so the same loss
     and gradient norm at every step and the same final weights. DDP accumulates: 2 micro-batches of 1 sequence
     on each rank (global batch 4 = 1 × 2 ranks × 2), synced on the last; FSDP takes 2 sequences at once.
-    Float32 sums in another order: after the 12 steps the weights were measured ≤ 6e-6 apart (DDP and FSDP)."""
+    Float32 sums in another order: after the 12 steps the weights were measured ≤ 6e-6 apart (DDP and FSDP).
+    DDP runs cpu-tiny's Muon; FSDP shards the matrices Muon needs whole, so it refuses Muon in one line and
+    runs AdamW (against a one-process AdamW run)."""
     out = tmp_path / parallel
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
     args = tiny_train_args(corpus, out, "--batch-size", str(batch_size), "--parallel", parallel)
-    result = run_attnlab(args, launcher=launcher, env={"TMPDIR": str(tmp_path)})  # torchrun's logs: in tmp_path
+    env = {"TMPDIR": str(tmp_path)}  # torchrun's logs: in tmp_path
+    if parallel == "fsdp":
+        refused = run_attnlab(args, launcher=launcher, env=env)
+        assert refused.returncode != 0 and "--optimizer muon needs every matrix whole" in refused.stderr
+        shutil.rmtree(out, ignore_errors=True)
+        args += ["--optimizer", "adamw"]
+        uninterrupted = tmp_path / "one-process-adamw"
+        status, stderr = run_here(tiny_train_args(corpus, uninterrupted, "--optimizer", "adamw"), capfd)
+        assert status == 0, stderr
+    result = run_attnlab(args, launcher=launcher, env=env)
     assert result.returncode == 0, result.stderr
     distributed, single = losses(out), losses(uninterrupted)
     assert sorted(distributed) == list(range(1, 13))

@@ -21,6 +21,7 @@ import yaml
 from . import presets, synthetic
 from .config import AttnLabConfig
 from .environment import versions
+from .optim import OPTIMIZERS
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TrainConfig:
     shifted_windows: bool = False  # finite corpora: each epoch cuts the token stream at a new random offset
     lr: float = 4e-4  # peak learning rate, reached after warm-up, then cosine (half a cycle) to zero
     warmup_steps: int = 2000
+    optimizer: str = "adamw"  # adamw | muon (Muon for the decoder's hidden matrices, AdamW for the rest: attnlab.optim)
     weight_decay: float = 0.1  # on matrices and embeddings; not on biases and norm gains
     beta1: float = 0.9
     beta2: float = 0.9999
@@ -156,6 +158,8 @@ def _build_train_config(values: dict[str, Any]) -> TrainConfig:
             raise ValueError(f"train option {name} must not be negative, got {getattr(train, name)!r}")
     if not (0 <= train.beta1 < 1 and 0 <= train.beta2 < 1):
         raise ValueError(f"beta1 and beta2 must lie in [0, 1), got {train.beta1} and {train.beta2}")
+    if train.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {train.optimizer!r}")
     if train.parallel not in ("auto", "ddp", "fsdp"):
         raise ValueError(f"parallel must be auto, ddp or fsdp, got {train.parallel!r}")
     if synthetic.is_task_spec(train.data):

@@ -47,7 +47,8 @@ from .checkpoint import (
 )
 from .config import AttnLabConfig
 from .model import AttnLabForCausalLM
-from .runconfig import LOCK_FILE, RunConfig, TrainConfig, check_resume_compatible, lock_folder, write_text_atomic
+from .optim import build_optimizer
+from .runconfig import LOCK_FILE, RunConfig, check_resume_compatible, lock_folder, write_text_atomic
 
 EXIT_DIVERGED = 3
 
@@ -192,6 +193,10 @@ def _train_in(run: RunConfig, out: Path, checkpoint: Path | None, devices: Devic
         model.activation_checkpointing_enable()
     raw_model = model
     sharded = devices.world_size > 1 and _resolve_parallel(settings.parallel, raw_model) == "fsdp"
+    if sharded and settings.optimizer == "muon":
+        raise ValueError(
+            "--optimizer muon needs every matrix whole and FSDP shards them; use --parallel ddp or --optimizer adamw"
+        )
     model = _parallelize(model, sharded, devices)
     if settings.compile:
         model = torch.compile(model)
@@ -531,26 +536,6 @@ def _parallelize(model, sharded: bool, devices: Devices):
 
     device_ids = [devices.device.index] if devices.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
-
-
-def build_optimizer(model: torch.nn.Module, settings: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with the run's peak LR, betas and eps, and its weight decay on `_parameter_groups`' first group
-    (matrices and embeddings) only; the schedule scales the LR of both groups."""
-    return torch.optim.AdamW(
-        _parameter_groups(model, settings.weight_decay),
-        lr=settings.lr,
-        betas=(settings.beta1, settings.beta2),
-        eps=settings.eps,
-    )
-
-
-def _parameter_groups(model, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices and embeddings; none on biases and norm gains."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _schedule(warmup_steps: int, total_steps: int):
