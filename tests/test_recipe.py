@@ -164,7 +164,15 @@ def test_weight_decay_falls_on_exactly_the_matrices_and_embeddings(qk_norm, tied
 
 # A run whose every optimizer setting differs from the defaults, so a default or a constant used in their
 # place shows; the clip is far below this model's gradient norms (0.8 to 1.2), so it rescales every step.
-RECIPE = {"optimizer": "adamw", "lr": 3e-3, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.3, "grad_clip": 0.05}
+RECIPE = {
+    "optimizer": "adamw",
+    "lr": 3e-3,
+    "beta1": 0.8,
+    "beta2": 0.99,
+    "eps": 1e-6,
+    "weight_decay": 0.3,
+    "grad_clip": 0.05,
+}
 RECIPE_LAYERS = ["standard", "mlp", "approximate", "staticembqk"]
 WARMUP, STEPS = 3, 8
 # Recomputing an update in float64 from the float32 checkpoints: measured ≤ 6e-8 (half a float32 ulp of a
