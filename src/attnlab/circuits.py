@@ -46,8 +46,6 @@ import torch.nn.functional as F
 
 from .losses import IGNORE_INDEX
 
-SCORE_NAMES = ("previous_token", "duplicate_token", "induction", "sink")
-TASK_SCORE_NAMES = ("previous_token", "retrieval")
 ABLATION_MODES = ("mean", "zero")
 
 

@@ -8,12 +8,13 @@ W [out, in] with gradient G, momentum μ, learning rate η and weight decay λ:
     W ← W·(1 − η·λ) − η · 0.2·sqrt(max(out, in)) · O
 
 NS₅ is five steps of the quintic Newton–Schulz iteration X ← aX + (bXXᵀ + c(XXᵀ)²)X with (a, b, c) =
-(3.4445, −4.7750, 2.0315), which moves every singular value of U into about [0.7, 1.2] (tested) and keeps its
-singular vectors: O ≈ the orthogonal factor of U. The factor 0.2·sqrt(max(out, in)) (Liu et al. 2025, "Muon is Scalable
-for LLM Training") gives the update the RMS of an AdamW update, so the same peak LR, schedule and weight decay
-serve both parts. Muon takes the 2-D weights inside the decoder layers; the embeddings, the LM head, norm
-gains and biases stay with AdamW (as both papers do). The iteration runs in float32 (a CPU's bfloat16 matmuls
-are slow), in bfloat16 on CUDA as Jordan's.
+(3.4445, −4.7750, 2.0315). It keeps U's singular vectors and moves its singular values towards 1 (into about
+[0.7, 1.2] for a Gaussian matrix, tested; values far below the largest stay smaller): O ≈ the orthogonal factor
+of U. The factor 0.2·sqrt(max(out, in)) (Liu et al. 2025, "Muon is Scalable for LLM Training") gives the update
+the RMS of an AdamW update, so the same peak LR, schedule and weight decay serve both parts. Muon takes the
+2-D weights inside the decoder layers; the embeddings, the LM head, norm gains and biases stay with AdamW
+(as both papers do). The iteration runs in float32 (a CPU's bfloat16 matmuls are slow), in bfloat16 on CUDA as
+Jordan's.
 
 Muon needs each matrix whole, so it does not run under FSDP (sharded parameters); DDP and one device are fine.
 """
