@@ -11,6 +11,7 @@ import attnlab
 from attnlab import AttnLabConfig, AttnLabForCausalLM, Mixer, MixerOutput, register_mixer, resolve_layer_pattern
 from attnlab.cache import AttnLabCache
 from attnlab.mixers import BUILTIN_MIXERS, registry
+from attnlab.mixers.registry import UnknownMixerError
 
 from .conftest import tiny_config
 
@@ -83,11 +84,20 @@ def test_registering_the_same_class_again_changes_nothing(prefix_mean):
     assert list(registry._registry).count("prefixmean") == 1
 
 
-def test_an_entry_point_that_fails_to_import_names_itself(monkeypatch):
+def test_an_entry_point_that_fails_to_import_names_itself_and_does_not_stop_the_others(monkeypatch):
     broken = metadata.EntryPoint(name="broken", value="attnlab_no_such_module:Mixer", group=registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: [broken])
+    working = metadata.EntryPoint(name="prefixmean", value=f"{__name__}:PrefixMean", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: [broken, working])
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
-    with pytest.raises(ImportError, match="attnlab mixer entry point broken = 'attnlab_no_such_module:Mixer'"):
+    monkeypatch.setattr(registry, "_entry_point_errors", {})
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))  # restored after the test
+    assert registry.get_mixer("prefixmean") is PrefixMean  # the one after the broken one still registers
+    message = "attnlab mixer entry point broken = 'attnlab_no_such_module:Mixer'"
+    with pytest.raises(ImportError, match=message):  # its own name: that entry point's error, every time
+        registry.get_mixer("broken")
+    with pytest.raises(ImportError, match=message):
+        registry.get_mixer("broken")
+    with pytest.raises(UnknownMixerError, match=f"unknown mixer 'whatever'.*{message}"):
         registry.get_mixer("whatever")
 
 

@@ -32,6 +32,7 @@ _NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 _registry: dict[str, type[Mixer]] = {}  # name → class, in registration order (the built-in seven first)
 _builtin_names: set[str] = set()
 _entry_points_loaded = False
+_entry_point_errors: dict[str, str] = {}  # entry-point name → why it failed to import
 
 
 class UnknownMixerError(ValueError):
@@ -72,7 +73,8 @@ def register_builtin_mixers(classes: tuple[type[Mixer], ...]) -> tuple[str, ...]
 
 
 def _load_entry_points() -> None:
-    """Import every `attnlab.mixers` entry point once; a class found there is registered if it is not yet."""
+    """Import every `attnlab.mixers` entry point once; a class found there is registered if it is not yet. One
+    that fails to import does not stop the others: its error is kept for `get_mixer` to report."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
@@ -81,24 +83,31 @@ def _load_entry_points() -> None:
         try:
             loaded = entry_point.load()
         except Exception as error:  # noqa: BLE001 — whatever the plugin raises, say which entry point it was
-            raise ImportError(
-                f"the attnlab mixer entry point {entry_point.name} = {entry_point.value!r} (package "
-                f"{entry_point.dist.name if entry_point.dist else '?'}) failed to import: {error}"
-            ) from error
+            package = entry_point.dist.name if entry_point.dist else "?"
+            _entry_point_errors[entry_point.name] = (
+                f"the attnlab mixer entry point {entry_point.name} = {entry_point.value!r} (package {package}) "
+                f"failed to import: {error}"
+            )
+            continue
         if isinstance(loaded, type) and issubclass(loaded, Mixer):
             register_mixer(loaded)
 
 
 def get_mixer(name: str) -> type[Mixer]:
-    """The registered class of mixer `name`, loading the entry points once if it is not known yet."""
+    """The registered class of mixer `name`, loading the entry points once if it is not known yet. A name
+    whose entry point failed to import raises that ImportError; any other unknown name an UnknownMixerError
+    (which also names the entry points that failed, as the mixer may be one of theirs)."""
     if name not in _registry:
         _load_entry_points()
-    if name not in _registry:
-        raise UnknownMixerError(
-            f"unknown mixer {name!r}; registered mixers: {', '.join(mixer_names())} (a mixer from another "
-            "package needs that package installed, or its module imported, so that it registers itself)"
-        )
-    return _registry[name]
+    if name in _registry:
+        return _registry[name]
+    if name in _entry_point_errors:
+        raise ImportError(_entry_point_errors[name])
+    failed = "".join(f"; {message}" for message in _entry_point_errors.values())
+    raise UnknownMixerError(
+        f"unknown mixer {name!r}; registered mixers: {', '.join(mixer_names())} (a mixer from another "
+        f"package needs that package installed, or its module imported, so that it registers itself){failed}"
+    )
 
 
 def is_registered(name: str) -> bool:
