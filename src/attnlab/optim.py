@@ -25,6 +25,7 @@ import math
 from typing import Any
 
 import torch
+from torch.optim.adamw import adamw
 
 OPTIMIZERS = ("adamw", "muon")
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
@@ -47,9 +48,9 @@ def newton_schulz(update: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS, eps: f
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Muon for the param groups with `use_muon=True`, AdamW (decoupled weight decay, bias-corrected moments,
-    as `torch.optim.AdamW`) for the others; one optimizer, so one LR schedule and one state dict. Every group
-    takes `lr` and `weight_decay`; Muon groups `momentum`, AdamW groups `betas` and `eps`."""
+    """Muon for the param groups with `use_muon=True`, PyTorch's AdamW step for the others; one optimizer, so
+    one LR schedule and one state dict. Every group takes `lr` and `weight_decay`; Muon groups `momentum`,
+    AdamW groups `betas` and `eps`."""
 
     def __init__(
         self,
@@ -80,10 +81,12 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            update = self._muon_update if group["use_muon"] else self._adamw_update
-            for parameter in group["params"]:
-                if parameter.grad is not None:
-                    update(parameter, self.state[parameter], group)
+            parameters = [parameter for parameter in group["params"] if parameter.grad is not None]
+            if group["use_muon"]:
+                for parameter in parameters:
+                    self._muon_update(parameter, self.state[parameter], group)
+            else:
+                self._adamw_step(parameters, group)
         return loss
 
     @staticmethod
@@ -96,20 +99,30 @@ class MuonAdamW(torch.optim.Optimizer):
         parameter.mul_(1 - lr * group["weight_decay"])
         parameter.add_(orthogonal, alpha=-lr * MUON_RMS_SCALE * math.sqrt(max(parameter.shape)))
 
-    @staticmethod
-    def _adamw_update(parameter: torch.Tensor, state: dict, group: dict) -> None:
-        grad, lr, (beta1, beta2) = parameter.grad, group["lr"], group["betas"]
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(parameter)
-            state["exp_avg_sq"] = torch.zeros_like(parameter)
-        state["step"] += 1
-        step = state["step"].item()
-        parameter.mul_(1 - lr * group["weight_decay"])
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denominator = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
-        parameter.addcdiv_(state["exp_avg"], denominator, value=-lr / (1 - beta1**step))
+    def _adamw_step(self, parameters: list[torch.Tensor], group: dict) -> None:
+        """PyTorch's own AdamW step (`torch.optim.adamw.adamw`, what `torch.optim.AdamW` runs) for a group."""
+        for parameter in parameters:
+            if not self.state[parameter]:
+                self.state[parameter].update(
+                    step=torch.tensor(0.0), exp_avg=torch.zeros_like(parameter), exp_avg_sq=torch.zeros_like(parameter)
+                )
+        states = [self.state[parameter] for parameter in parameters]
+        beta1, beta2 = group["betas"]
+        adamw(
+            parameters,
+            [parameter.grad for parameter in parameters],
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            [],
+            [state["step"] for state in states],
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
 
 
 def build_optimizer(model: torch.nn.Module, settings) -> torch.optim.Optimizer:
