@@ -499,7 +499,6 @@ def test_shadow_row_fast_path_matches_separate_streams(layers, padded, kernel, m
     parameter, the noise input of rndembqk) are the reference path's, which runs the stream on its own.
     Batch 3, length 13, with and without right padding (the loss skips padding)."""
     monkeypatch.setattr(standard, "SHARED_MAP_BLOCK", 4)
-    monkeypatch.setattr(standard, "SHARED_MAP_MIN_BATCH", 2 if kernel == "shared_map_attention" else 100)
     model = make_model(layers)
     calls = {"separate streams": 0, "shared-map batches": []}
     separate = model.model._shadow_stream
@@ -508,12 +507,12 @@ def test_shadow_row_fast_path_matches_separate_streams(layers, padded, kernel, m
         calls["separate streams"] += 1
         return separate(*args, **kwargs)
 
-    def record_batch(query, key, value, original=getattr(standard, kernel)):
+    def record_batch(query, key, value, kernel=getattr(standard, kernel)):
         calls["shared-map batches"].append(value.shape[0])
-        return original(query, key, value)
+        return kernel(query, key, value)
 
     monkeypatch.setattr(model.model, "_shadow_stream", count_separate)
-    monkeypatch.setattr(standard, kernel, record_batch)
+    monkeypatch.setattr(standard, "shared_map_attention", record_batch)  # float32 on the CPU: always this one
     rows = [random_ids(1, n, seed=20 + n)[0] for n in (13, 9, 4)] if padded else list(random_ids(3, 13))
     input_ids, mask = pad(rows, "right")
     mask = mask if padded else None
@@ -619,7 +618,6 @@ def test_thirty_training_steps_of_the_fast_paths_match_the_explicit_path(layers,
     ≤ 4.8e-7). Not staticembqk: its fast path is the fused SDPA kernel, and its losses drift apart steadily
     by float32 rounding alone (1.5e-5 after 30 steps; standard's SDPA path stays within 4.8e-7)."""
     monkeypatch.setattr(standard, "SHARED_MAP_BLOCK", 16)
-    monkeypatch.setattr(standard, "SHARED_MAP_MIN_BATCH", 2)
     fast, reference = (training_losses(layers, implementation) for implementation in IMPLEMENTATIONS)
     assert fast[-1] < fast[0] - 0.1
     assert max(abs(a - b) for a, b in zip(fast, reference)) < 1e-5

@@ -7,13 +7,12 @@ The same computation serves the variants that only change where q and k come fro
 map per head, shared by the whole batch — and then compute that map once, not once per sequence: the
 batch is folded into the value width, [1, heads, seq, B·d_h]. The CPU's fused kernel takes only one width
 for q, k and v (a wider v sends it to the unfused math backend: dense L×L, no causal skipping), so on the
-CPU a shared map (without padding) goes through `shared_map_attention` (float32, B ≥ `SHARED_MAP_MIN_BATCH`:
-blocks of query rows, QKᵀ and softmax once, one matmul for the batch) or else the fused kernel with q and k
-zero-padded to the folded width (`padded_shared_map_attention`: one softmax, but QKᵀ at B·d_h wide).
-Measured forward + backward of cpu-tiny's attention (4 heads, d_h 32; 2 threads, shared machine), speed
-against per-sequence maps of the B − 1 batch rows (a shadow row is the B-th): B = 33, L = 512: blocks 1.6–1.8×,
-padded 0.8×; B = 9, L = 2048: blocks 1.7–1.8×, padded 1.2×; B = 5, L = 4096: both 1.0–1.1×; B = 3: blocks
-0.5–0.7×, padded 0.8× (L = 2048–8192).
+CPU a float32 shared map (without padding) goes through `shared_map_attention` (blocks of query rows, QKᵀ and
+softmax once, one matmul for the batch), any other dtype through the fused kernel with q and k zero-padded
+to the folded width (`padded_shared_map_attention`: one softmax, but QKᵀ at B·d_h wide). Measured forward +
+backward of cpu-tiny's attention (4 heads, d_h 32; 2 threads), blocks of 128 rows against the padded kernel:
+1.07–1.08× for 2 rows (L = 2048, 8192), 1.24–1.26× for 3, 1.44× for 5 (L = 4096), 2.1× for 9 (L = 2048),
+2.4× for 33 (L = 512). Blocks of 256 rows were 0.9–1.07× as fast as 128 (faster only from 5 rows up).
 
 Cached decoding (`forward_cached`): `standard` and `staticembqk` keep a KV cache (transformers'
 `DynamicLayer`) of keys after QK-norm and RoPE and of values, [batch, kv_heads, seen, head_dim]; a step
@@ -75,7 +74,7 @@ def fast_softmax_attention(
     batch, heads, seq_len, value_dim = value.shape
     shared_map = query.shape[0] == 1 and batch > 1
     if key_padding_mask is None and shared_map and value.device.type == "cpu":
-        if batch >= SHARED_MAP_MIN_BATCH and query.dtype == key.dtype == value.dtype == torch.float32:
+        if query.dtype == key.dtype == value.dtype == torch.float32:
             return shared_map_attention(query, key, value)
         return padded_shared_map_attention(query, key, value)
     if key_padding_mask is None and shared_map:
@@ -89,8 +88,7 @@ def fast_softmax_attention(
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed)
 
 
-SHARED_MAP_BLOCK = 256  # query rows per block of `shared_map_attention`
-SHARED_MAP_MIN_BATCH = 5  # smaller batches share a CPU map through `padded_shared_map_attention`
+SHARED_MAP_BLOCK = 128  # query rows per block of `shared_map_attention` (module docstring)
 
 
 def padded_shared_map_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
